@@ -1,0 +1,430 @@
+"""Typed run configuration.
+
+Layers, lowest first: the dataclass defaults below <- an experiment YAML that holds only
+its deltas <- ``key=value`` overrides from the command line.  Everything is validated
+when it is loaded, before any process group or model exists, and every error names the
+dotted key to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TASKS = ("itm", "vqa", "nlvr2", "snli_ve")
+TASK_CLASSES = {"itm": 2, "nlvr2": 2, "snli_ve": 3}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key to change."""
+
+
+@dataclass
+class ArchConfig:
+    """Shape of a ViT/ViLT-style transformer (used by both towers and by the fusion teacher)."""
+
+    width: int = 768
+    """Hidden size."""
+    depth: int = 12
+    """Number of transformer blocks (each tower of the student has this many)."""
+    heads: int = 12
+    """Attention heads per block."""
+    mlp_ratio: float = 4.0
+    """MLP hidden size / width."""
+    patch_size: int = 32
+    """Square image patch side in pixels."""
+    image_size: list[int] = field(default_factory=lambda: [384, 640])
+    """Input image [height, width] in pixels; both must be multiples of patch_size."""
+    max_text_len: int = 40
+    """Text tokens including [CLS] and [SEP]; longer captions are truncated."""
+    vocab_size: int = 30522
+    """Word-piece vocabulary size (must match the tokenizer)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the student towers."""
+
+    def check(self, prefix: str) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"{prefix}.width={self.width} is not divisible by {prefix}.heads={self.heads}")
+        if len(self.image_size) != 2:
+            raise ConfigError(f"{prefix}.image_size must be [height, width], got {self.image_size}")
+        for side in self.image_size:
+            if side <= 0 or side % self.patch_size:
+                raise ConfigError(
+                    f"{prefix}.image_size={self.image_size} must be positive multiples of "
+                    f"{prefix}.patch_size={self.patch_size}")
+        for name in ("width", "depth", "heads", "patch_size", "max_text_len", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name} must be > 0")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size[0] // self.patch_size) * (self.image_size[1] // self.patch_size)
+
+
+@dataclass
+class StudentConfig:
+    """The dual-encoder student."""
+
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    init: str = "random"
+    """'random'; 'vilt:DIR' (both towers from a transformers ViLT checkpoint, as the paper);
+    'fusion:DIR' (both towers from an exported project fusion teacher); 'timm_bert:DIR'
+    (DIR/vit holds a timm ViT, DIR/bert a transformers BERT); 'export:DIR' (an exported student)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of the tower blocks."""
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen fusion-encoder teacher."""
+
+    kind: str = "fusion"
+    """'fusion' (the project's own ViLT-style model) or 'hf_vilt' (a transformers ViLT directory)."""
+    path: str = ""
+    """Directory of the teacher's weights: an exported fusion model or a transformers ViLT
+    checkpoint. Empty only when no distillation loss is used."""
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    """Shape of a 'fusion' teacher (ignored for 'hf_vilt', whose config.json decides)."""
+
+
+@dataclass
+class LossConfig:
+    """Weights of every loss part (METHOD.md); 0 switches a part off."""
+
+    attn_t2i: float = 1.0
+    """Text-to-image attention KL(teacher || student)."""
+    attn_i2t: float = 1.0
+    """Image-to-text attention KL(teacher || student)."""
+    soft_label: float = 1.0
+    """Prediction distillation from the teacher's logits."""
+    ground_truth: float = 0.0
+    """Supervised loss on dataset labels (the paper's fine-tuning preset uses 0)."""
+    itc: float = 0.0
+    """In-batch image-text contrastive loss on the student's pooled embeddings (pre-training)."""
+    temperature: float = 1.0
+    """Soft-label temperature T."""
+    teacher_layer: int = -1
+    """Teacher block whose cross-modal attention is distilled (negative counts from the end)."""
+    student_layer: int = -1
+    """Student block (in both towers) that is matched to teacher_layer."""
+    head_map: str = "per_head"
+    """'per_head' (teacher and student head counts must match) or 'mean' (average heads)."""
+    itc_temperature: float = 0.07
+    """Initial temperature of the contrastive logits."""
+
+    def distills(self) -> bool:
+        return self.attn_t2i > 0 or self.attn_i2t > 0 or self.soft_label > 0
+
+
+@dataclass
+class DataConfig:
+    """Webdataset input."""
+
+    train_shards: str = ""
+    """Shard list: brace patterns, several sources joined with '::'."""
+    train_weights: list[float] = field(default_factory=list)
+    """Sampling weight per '::' source (empty: uniform)."""
+    val_shards: str = ""
+    """Held-out shards for evaluation (empty: no evaluation)."""
+    resampled: bool = True
+    """Infinite weighted resampling of shards (pre-training); False reads epochs in order."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank."""
+    open_shards: int = 4
+    """Shards each worker reads interleaved (the mixing that replaces a shuffle buffer)."""
+    tokenizer: str = "bert-base-uncased"
+    """A transformers tokenizer directory or hub id; 'builtin:demo' for the demo vocabulary."""
+    max_image_pixels: int = 40_000_000
+    """Images larger than this (read from the header, before decode) are skipped."""
+    num_answers: int = 3129
+    """VQA answer vocabulary size."""
+    answer_vocab: str = ""
+    """Path of a JSON list of answers (VQA); empty for the demo."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and linear decay, counted in optimizer steps."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    """Warm-up length as a fraction of train.max_steps (optimizer steps)."""
+    head_lr_mult: float = 1.0
+    """LR multiplier of the task heads and fusion module (the paper's VQA recipe uses 10)."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of lr."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop, batch arithmetic, precision and checkpointing."""
+
+    output_dir: str = "runs/debug"
+    """Run directory; re-running with the same directory resumes."""
+    task: str = "itm"
+    """'itm' (pre-training distillation), 'vqa', 'nlvr2' or 'snli_ve'."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all ranks = micro x accumulation x world size."""
+    micro_batch_size: int = 8
+    """Samples per forward on one rank."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3 for the student; stage 3 also partitions the teacher."""
+    offload: bool = False
+    """Offload optimizer state and parameters to CPU (ZeRO-3 only)."""
+    ds_config: str = ""
+    """A DeepSpeed JSON to start from (e.g. ds_configs/zero2.json); the run config wins."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 0
+    log_every: int = 10
+    """Steps between metric logs (the only host-device syncs)."""
+    eval_every: int = 0
+    """Steps between evaluations on data.val_shards (0: only at the end)."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are purged."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps that stop the run."""
+    collective_timeout_s: int = 600
+    """Timeout of every collective; a dead rank stops the others after this long."""
+    probe_every: int = 0
+    """Steps between attention-map images in TensorBoard (0: never)."""
+    eval_batches: int = 0
+    """Cap on evaluation batches (0: the whole split)."""
+
+
+@dataclass
+class RunConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- derived values -------------------------------------------------------------------
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; checked, never assumed."""
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size} x world size {world_size}")
+        return self.train.global_batch_size // per_step
+
+    def num_classes(self) -> int:
+        return self.data.num_answers if self.train.task == "vqa" else TASK_CLASSES[self.train.task]
+
+    def validate(self, world_size: int | None = None) -> "RunConfig":
+        t, lo = self.train, self.loss
+        if t.task not in TASKS:
+            raise ConfigError(f"train.task={t.task!r} is not one of {TASKS}")
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
+        if t.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+        if t.offload and t.zero_stage != 3:
+            raise ConfigError(f"train.offload=true needs train.zero_stage=3 (got {t.zero_stage}); "
+                              "this project offloads parameters and optimizer state together")
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last",
+                     "max_bad_steps", "collective_timeout_s"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={t.micro_batch_size}")
+        if world_size is not None:
+            self.grad_accum_steps(world_size)
+        self.student.arch.check("student.arch")
+        if self.teacher.kind not in ("fusion", "hf_vilt"):
+            raise ConfigError(f"teacher.kind={self.teacher.kind!r} must be 'fusion' or 'hf_vilt'")
+        if self.teacher.kind == "fusion":
+            self.teacher.arch.check("teacher.arch")
+        if lo.head_map not in ("per_head", "mean"):
+            raise ConfigError(f"loss.head_map={lo.head_map!r} must be 'per_head' or 'mean'")
+        for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc"):
+            if getattr(lo, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0")
+        if lo.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+        if lo.distills() and not self.teacher.path:
+            raise ConfigError("loss.attn_t2i/attn_i2t/soft_label are > 0 but teacher.path is empty: "
+                              "set teacher.path or set those weights to 0")
+        if not lo.distills() and lo.ground_truth == 0 and lo.itc == 0:
+            raise ConfigError("every loss weight is 0: set loss.ground_truth or a distillation weight")
+        if lo.head_map == "per_head" and self.teacher.kind == "fusion" and lo.distills() and \
+                self.teacher.arch.heads != self.student.arch.heads:
+            raise ConfigError(
+                f"loss.head_map=per_head needs teacher.arch.heads ({self.teacher.arch.heads}) == "
+                f"student.arch.heads ({self.student.arch.heads}); set loss.head_map=mean")
+        if self.teacher.kind == "fusion" and lo.distills():
+            if self.teacher.arch.image_size != self.student.arch.image_size or \
+                    self.teacher.arch.patch_size != self.student.arch.patch_size:
+                raise ConfigError("teacher.arch.image_size/patch_size must equal student.arch's: "
+                                  "attention distillation compares the same patches")
+        if self.train.task == "vqa" and self.data.num_answers <= 1:
+            raise ConfigError("data.num_answers must be > 1 for train.task=vqa")
+        if self.data.train_weights and self.data.train_shards and \
+                len(self.data.train_weights) != len(self.data.train_shards.split("::")):
+            raise ConfigError(f"data.train_weights has {len(self.data.train_weights)} entries but "
+                              f"data.train_shards has {len(self.data.train_shards.split('::'))} sources")
+        if not 0 <= self.optim.warmup_fraction < 1:
+            raise ConfigError("optim.warmup_fraction must be in [0, 1)")
+        if self.optim.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- building from dicts ----------------------------------------------------------------------
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, list[...])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r} (valid keys here: {sorted(names)})")
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, dotted + ".") if _is_dataclass_type(tp) else _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {'a': {'b': {'c': value}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def resolve_path(name: str | os.PathLike) -> Path:
+    """A config file path, or the name of a shipped config (``debug`` -> configs/debug.yaml)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    raise ConfigError(f"config file {str(name)!r} not found (shipped configs: {shipped_configs()})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_yaml_chain(path: Path) -> dict:
+    """Read a YAML delta; ``base: NAME`` inherits another (shipped or relative) file."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base:
+        rel = path.parent / f"{base}.yaml"
+        data = _merge(load_yaml_chain(rel if rel.exists() else resolve_path(base)), data)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
+                world_size: int | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, validated. Raises ConfigError naming the key."""
+    data: dict = load_yaml_chain(resolve_path(path)) if path else {}
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    cfg = _build(RunConfig, data)
+    return cfg.validate(world_size)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data).validate()
+
+
+def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike, ds_config: dict | None = None) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+    if ds_config is not None:
+        _atomic_write(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

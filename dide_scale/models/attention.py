@@ -1,0 +1,99 @@
+"""Cross-modal attention: capture queries/keys at one block, build t2i / i2t distributions.
+
+The student has no cross-attention, so its "cross-modal attention" is built from the text
+tower's queries against the image tower's keys (and vice versa) at a chosen block.  The
+teacher's is the text/image block of its joint self-attention, renormalised over the other
+modality.  Both are expressed as a :class:`CrossQK` so one function turns either into
+log-probabilities, and only the distilled block pays for the explicit QK^T (every other
+block keeps fused SDPA attention).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CrossQK:
+    """Per-head queries and keys of both modalities at the distilled block.
+
+    Shapes: ``q_text``/``k_text`` [B, H, Nt, D], ``q_image``/``k_image`` [B, H, Ni, D];
+    ``text_mask`` [B, Nt] bool (True = real token), ``image_mask`` [B, Ni] bool or None
+    (all image tokens valid).
+    """
+
+    q_text: torch.Tensor
+    k_text: torch.Tensor
+    q_image: torch.Tensor
+    k_image: torch.Tensor
+    text_mask: torch.Tensor
+    image_mask: torch.Tensor | None = None
+
+    def index(self, text_idx: torch.Tensor, image_idx: torch.Tensor) -> "CrossQK":
+        """Re-pair texts and images (dual encoder only): row i uses text text_idx[i] and
+        image image_idx[i].  Used for the hard negatives of ITM pre-training."""
+        im = None if self.image_mask is None else self.image_mask[image_idx]
+        return CrossQK(self.q_text[text_idx], self.k_text[text_idx], self.q_image[image_idx],
+                       self.k_image[image_idx], self.text_mask[text_idx], im)
+
+
+def cross_log_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """log softmax(q k^T / sqrt(d)) over the *valid* keys, computed in fp32.
+
+    Masked keys get a large finite negative logit (not -inf), so a fully padded row stays
+    finite and ``0 * log p`` terms never become NaN.
+    """
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], -1e4)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def t2i_i2t(qk: CrossQK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P_t2i [B,H,Nt,Ni], log P_i2t [B,H,Ni,Nt])."""
+    return (cross_log_probs(qk.q_text, qk.k_image, qk.image_mask),
+            cross_log_probs(qk.q_image, qk.k_text, qk.text_mask))
+
+
+class QKTap:
+    """Forward hook on a ``qkv`` Linear (timm ``Attention.qkv``) that keeps its last output.
+
+    Registered once at model build; capturing is switched on per forward so a model that
+    is not being distilled pays nothing.  The split into heads happens on request.
+    """
+
+    def __init__(self, qkv: nn.Linear, num_heads: int):
+        self.num_heads = num_heads
+        self.enabled = False
+        self.out: torch.Tensor | None = None
+        qkv.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.enabled:
+            self.out = output
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k), each [B, H, N, D]; clears the stored activation."""
+        out, self.out = self.out, None
+        if out is None:
+            raise RuntimeError("QKTap.take() before a forward with capture enabled")
+        b, n, three_c = out.shape
+        qkv = out.view(b, n, 3, self.num_heads, three_c // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1]
+
+
+def resolve_layer(index: int, depth: int, name: str) -> int:
+    """A possibly negative block index -> 0..depth-1, with an error naming the setting."""
+    i = index + depth if index < 0 else index
+    if not 0 <= i < depth:
+        raise ValueError(f"{name}={index} is out of range for a model with {depth} blocks")
+    return i
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] bool/0-1 key mask -> [B, 1, 1, N] additive mask for SDPA (0 keep, min drop)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask.bool(), torch.finfo(dtype).min)[:, None, None, :]

@@ -1,0 +1,260 @@
+"""Build the student and the teacher from a RunConfig; save/load exported models.
+
+An exported model is a directory with ``config.json`` and ``model.safetensors``: it loads
+without DeepSpeed, without the teacher and without unpickling anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .fusion import FusionEncoder
+from .student import DualEncoder, TowerShape
+
+WEIGHTS = "model.safetensors"
+
+
+# -- export / import -------------------------------------------------------------------------
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (atomically, via a temp dir rename)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / WEIGHTS))
+    (tmp / "config.json").write_text(json.dumps(model.export_config(), indent=2))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_model_config(path: str | os.PathLike, expected: tuple[str, ...]) -> dict:
+    """config.json of a model directory, with errors that say what was expected."""
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not p.is_dir() or not cfg_file.exists():
+        raise FileNotFoundError(f"{p}: expected a model directory with config.json and {WEIGHTS} "
+                                f"(model_type one of {expected})")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") not in expected:
+        raise ValueError(f"{p}: config.json has model_type={cfg.get('model_type')!r}; expected one of {expected}")
+    return cfg
+
+
+def load_pretrained(path: str | os.PathLike, tap_layer: int = -1, task: str | None = None,
+                    num_classes: int | None = None) -> nn.Module:
+    """Load an exported DualEncoder or FusionEncoder.
+
+    ``task``/``num_classes`` re-head the model (e.g. start VQA fine-tuning from a
+    pre-trained ITM student): the towers load, the new head starts fresh.
+    """
+    cfg = read_model_config(path, ("dide_dual_encoder", "dide_fusion"))
+    cls = DualEncoder if cfg["model_type"] == "dide_dual_encoder" else FusionEncoder
+    new_task = task or cfg["task"]
+    n = num_classes if num_classes is not None else cfg["num_classes"]
+    model = cls(TowerShape(**cfg["shape"]), new_task, n, tap_layer)
+    sd = load_file(str(Path(path) / WEIGHTS))
+    if new_task != cfg["task"] or n != cfg["num_classes"]:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+# -- student initialisation ------------------------------------------------------------------
+
+def _vilt_block_map(src: dict, prefix: str, i: int) -> dict:
+    """One transformers ViltLayer -> timm Block names."""
+    p = f"{prefix}encoder.layer.{i}."
+    a = p + "attention.attention."
+    return {
+        "norm1.weight": src[p + "layernorm_before.weight"], "norm1.bias": src[p + "layernorm_before.bias"],
+        "attn.qkv.weight": torch.cat([src[a + n + ".weight"] for n in ("query", "key", "value")]),
+        "attn.qkv.bias": torch.cat([src[a + n + ".bias"] for n in ("query", "key", "value")]),
+        "attn.proj.weight": src[p + "attention.output.dense.weight"],
+        "attn.proj.bias": src[p + "attention.output.dense.bias"],
+        "norm2.weight": src[p + "layernorm_after.weight"], "norm2.bias": src[p + "layernorm_after.bias"],
+        "mlp.fc1.weight": src[p + "intermediate.dense.weight"], "mlp.fc1.bias": src[p + "intermediate.dense.bias"],
+        "mlp.fc2.weight": src[p + "output.dense.weight"], "mlp.fc2.bias": src[p + "output.dense.bias"],
+    }
+
+
+def _canonical_from_vilt(src: dict) -> dict:
+    """A transformers ViLT state dict (any task class) in the project's fusion naming."""
+    prefix = "vilt." if any(k.startswith("vilt.") for k in src) else ""
+    e = prefix + "embeddings."
+    depth = 1 + max(int(k.split(".")[2 + (prefix != "")]) for k in src if k.startswith(prefix + "encoder.layer."))
+    out = {f"text_embeddings.{k[len(e + 'text_embeddings.'):]}": v for k, v in src.items()
+           if k.startswith(e + "text_embeddings.") and "position_ids" not in k}
+    out.update({"vit.patch_embed.proj.weight": src[e + "patch_embeddings.projection.weight"],
+                "vit.patch_embed.proj.bias": src[e + "patch_embeddings.projection.bias"],
+                "vit.cls_token": src[e + "cls_token"], "vit.pos_embed": src[e + "position_embeddings"],
+                "token_type.weight": src[e + "token_type_embeddings.weight"],
+                "vit.norm.weight": src[prefix + "layernorm.weight"], "vit.norm.bias": src[prefix + "layernorm.bias"]})
+    for i in range(depth):
+        out.update({f"vit.blocks.{i}.{k}": v for k, v in _vilt_block_map(src, prefix, i).items()})
+    return out
+
+
+def _student_from_fusion_state(fs: dict, student: DualEncoder) -> dict:
+    """Fusion-model weights (project naming) -> both student towers, as the paper does.
+
+    The modality-type embeddings are folded in: type 0 into the text token-type row 0,
+    type 1 into the image position embeddings (so the towers see what the fusion model saw).
+    """
+    grid = [s // student.shape.patch_size for s in student.shape.image_size]
+    out = {}
+    tt = fs["token_type.weight"]
+    for k, v in fs.items():
+        if k.startswith("text_embeddings."):
+            v = v.clone()
+            if k.endswith("token_type_embeddings.weight"):
+                v[0] += tt[0]
+            out["text." + k.replace("text_embeddings.", "embeddings.", 1)] = v
+        elif k.startswith("vit.blocks."):
+            out["image." + k] = v
+            out["text." + k[len("vit."):]] = v
+        elif k in ("vit.norm.weight", "vit.norm.bias"):
+            out["image." + k] = v
+            out["text." + k[len("vit."):]] = v
+        elif k == "vit.pos_embed":
+            pos = resample_abs_pos_embed(v, new_size=grid, num_prefix_tokens=1)
+            out["image.vit.pos_embed"] = pos + tt[1]
+        elif k.startswith("vit.patch_embed.") or k == "vit.cls_token":
+            out["image." + k] = v
+    return out
+
+
+def init_student(student: DualEncoder, spec: str) -> DualEncoder:
+    """Apply ``student.init`` ('random', 'vilt:DIR', 'fusion:DIR', 'timm_bert:DIR', 'export:DIR')."""
+    if spec == "random":
+        return student
+    kind, _, path = spec.partition(":")
+    if kind == "vilt":
+        read_model_config(path, ("vilt",))
+        src = _read_any_weights(path)
+        sd = _student_from_fusion_state(_canonical_from_vilt(src), student)
+    elif kind == "fusion":
+        read_model_config(path, ("dide_fusion",))
+        sd = _student_from_fusion_state(load_file(str(Path(path) / WEIGHTS)), student)
+    elif kind == "export":
+        src = load_pretrained(path, task=student.task, num_classes=student.num_classes)
+        sd = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    elif kind == "timm_bert":
+        sd = _student_from_timm_bert(Path(path), student)
+    else:
+        raise ValueError(f"student.init={spec!r}: expected random, vilt:DIR, fusion:DIR, timm_bert:DIR or export:DIR")
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise ValueError(f"student.init={spec!r}: weights not in the student: {unexpected[:5]}")
+    towers = [k for k in missing if k.startswith(("image.vit.blocks", "text.blocks"))]
+    if towers:
+        raise ValueError(f"student.init={spec!r}: tower weights missing: {towers[:5]} "
+                         "(is the checkpoint deeper/shallower than student.arch.depth?)")
+    return student
+
+
+def _read_any_weights(path: str) -> dict:
+    p = Path(path)
+    if (p / WEIGHTS).exists():
+        return load_file(str(p / WEIGHTS))
+    if (p / "pytorch_model.bin").exists():
+        return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{p}: no {WEIGHTS} or pytorch_model.bin")
+
+
+def _student_from_timm_bert(root: Path, student: DualEncoder) -> dict:
+    """DIR/vit: a timm ViT (``model.safetensors`` with timm names); DIR/bert: a transformers
+    BERT (its embeddings and layers map onto the text tower's pre-LN blocks' weights)."""
+    vit = load_file(str(root / "vit" / WEIGHTS))
+    grid = [s // student.shape.patch_size for s in student.shape.image_size]
+    out = {}
+    for k, v in vit.items():
+        if k.startswith("head"):
+            continue
+        if k == "pos_embed":
+            v = resample_abs_pos_embed(v, new_size=grid, num_prefix_tokens=1)
+        out["image.vit." + k] = v
+    read_model_config(root / "bert", ("bert",))
+    bert = _read_any_weights(str(root / "bert"))
+    pre = "bert." if any(k.startswith("bert.") for k in bert) else ""
+    for k, v in bert.items():
+        if k.startswith(pre + "embeddings.") and "position_ids" not in k:
+            name = k[len(pre + "embeddings."):]
+            if name.startswith("position_embeddings"):
+                v = v[: student.shape.max_text_len]
+            out["text.embeddings." + name] = v
+    n_layers = len({k.split(".")[len(pre.split(".")) + 1] for k in bert if k.startswith(pre + "encoder.layer.")})
+    for i in range(min(n_layers, student.shape.depth)):
+        p = f"{pre}encoder.layer.{i}."
+        a = p + "attention.self."
+        # BERT is post-LN; its LayerNorms go to the pre-LN slots (the closest mapping; fine-tuning adapts)
+        out.update({f"text.blocks.{i}.{k}": v for k, v in {
+            "norm1.weight": bert[p + "attention.output.LayerNorm.weight"],
+            "norm1.bias": bert[p + "attention.output.LayerNorm.bias"],
+            "attn.qkv.weight": torch.cat([bert[a + n + ".weight"] for n in ("query", "key", "value")]),
+            "attn.qkv.bias": torch.cat([bert[a + n + ".bias"] for n in ("query", "key", "value")]),
+            "attn.proj.weight": bert[p + "attention.output.dense.weight"],
+            "attn.proj.bias": bert[p + "attention.output.dense.bias"],
+            "norm2.weight": bert[p + "output.LayerNorm.weight"], "norm2.bias": bert[p + "output.LayerNorm.bias"],
+            "mlp.fc1.weight": bert[p + "intermediate.dense.weight"], "mlp.fc1.bias": bert[p + "intermediate.dense.bias"],
+            "mlp.fc2.weight": bert[p + "output.dense.weight"], "mlp.fc2.bias": bert[p + "output.dense.bias"],
+        }.items()})
+    return out
+
+
+# -- from a RunConfig -----------------------------------------------------------------------
+
+def build_student(cfg) -> DualEncoder:
+    shape = TowerShape.from_arch(cfg.student.arch)
+    student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
+    init_student(student, cfg.student.init)
+    if cfg.student.grad_checkpointing:
+        student.set_grad_checkpointing(True)
+    return student
+
+
+def build_teacher(cfg) -> nn.Module | None:
+    """The frozen teacher (eval, no grad), or None when no distillation loss is on."""
+    if not cfg.loss.distills():
+        return None
+    t = cfg.teacher
+    if t.kind == "hf_vilt":
+        from .hf_vilt import HFViltTeacher
+        teacher = HFViltTeacher.from_pretrained(t.path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
+    else:
+        teacher = load_pretrained(t.path, tap_layer=cfg.loss.teacher_layer)
+        read = read_model_config(t.path, ("dide_fusion",))
+        if read["task"] != cfg.train.task:
+            raise ValueError(f"teacher.path={t.path}: the teacher was trained for task {read['task']!r} "
+                             f"but train.task={cfg.train.task!r}")
+    check_pairing(teacher, cfg)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def check_pairing(teacher: nn.Module, cfg) -> None:
+    """Fail early when the teacher's attention cannot be mapped onto the student's."""
+    s = cfg.student.arch
+    t_width = getattr(teacher, "width", None) or teacher.shape.width
+    t_heads = getattr(teacher, "num_heads", None)
+    t_patch = getattr(teacher, "patch_size", None) or teacher.shape.patch_size
+    if t_patch != s.patch_size:
+        raise ValueError(f"teacher patch size {t_patch} != student.arch.patch_size={s.patch_size}: "
+                         "attention distillation needs the same patches")
+    if cfg.loss.attn_t2i > 0 or cfg.loss.attn_i2t > 0:
+        if cfg.loss.head_map == "per_head" and t_heads != s.heads:
+            raise ValueError(f"teacher has {t_heads} heads, student.arch.heads={s.heads}: "
+                             "set loss.head_map=mean or match the head counts")
+    del t_width  # widths may differ: attention maps are compared, not hidden states

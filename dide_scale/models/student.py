@@ -1,0 +1,236 @@
+"""The dual-encoder student: an image tower and a text tower that never see each other,
+a shallow fusion MLP on their [CLS] states, and the task heads (METHOD.md).
+
+Plain ``nn.Module``s: no parallelism API is imported here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings
+
+from ..losses import contrastive, mine_hard_negatives
+from .attention import CrossQK, QKTap, additive_mask, resolve_layer
+
+
+@dataclass
+class TowerShape:
+    """Shape arguments of both towers (a model-side mirror of config.ArchConfig)."""
+
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 32
+    image_size: list[int] = field(default_factory=lambda: [384, 640])
+    max_text_len: int = 40
+    vocab_size: int = 30522
+    drop_path: float = 0.0
+
+    @classmethod
+    def from_arch(cls, arch) -> "TowerShape":
+        return cls(**{k: getattr(arch, k) for k in cls.__dataclass_fields__})
+
+
+# ViLT's normalisation (ViltImageProcessor): mean = std = 0.5.
+VILT_MEAN = (0.5, 0.5, 0.5)
+VILT_STD = (0.5, 0.5, 0.5)
+
+
+class Normalize(nn.Module):
+    """Pixels in [0, 1] -> the model's own normalisation (kept in the model, so a teacher
+    and a student with different conventions can share one decoded batch)."""
+
+    def __init__(self, mean=VILT_MEAN, std=VILT_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+
+
+def bert_embeddings(shape: TowerShape) -> BertEmbeddings:
+    """BERT word + position + token-type embeddings (transformers' own module)."""
+    return BertEmbeddings(BertConfig(
+        vocab_size=shape.vocab_size, hidden_size=shape.width, max_position_embeddings=shape.max_text_len,
+        type_vocab_size=2, hidden_dropout_prob=0.0, layer_norm_eps=1e-12))
+
+
+def mlp_head(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
+    """Linear -> LayerNorm -> GELU -> Linear (the paper's fusion / classifier shape)."""
+    return nn.Sequential(nn.Linear(dim_in, dim_hidden), nn.LayerNorm(dim_hidden), nn.GELU(),
+                         nn.Linear(dim_hidden, dim_out))
+
+
+class ImageTower(nn.Module):
+    """timm VisionTransformer over the patches; returns all token states ([CLS] first)."""
+
+    def __init__(self, shape: TowerShape, tap_layer: int = -1):
+        super().__init__()
+        self.normalize = Normalize()
+        self.vit = VisionTransformer(
+            img_size=tuple(shape.image_size), patch_size=shape.patch_size, embed_dim=shape.width,
+            depth=shape.depth, num_heads=shape.heads, mlp_ratio=shape.mlp_ratio, num_classes=0,
+            drop_path_rate=shape.drop_path, dynamic_img_size=True)
+        layer = resolve_layer(tap_layer, shape.depth, "loss.student_layer")
+        self.tap = QKTap(self.vit.blocks[layer].attn.qkv, shape.heads)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vit.set_grad_checkpointing(enable)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(self.normalize(pixels))
+
+
+class TextTower(nn.Module):
+    """BERT embeddings followed by pre-LN ViT blocks (the same block type as ViLT, so both
+    towers can be initialised from one ViLT checkpoint)."""
+
+    def __init__(self, shape: TowerShape, tap_layer: int = -1):
+        super().__init__()
+        self.embeddings = bert_embeddings(shape)
+        dpr = torch.linspace(0, shape.drop_path, shape.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(shape.width, shape.heads, mlp_ratio=shape.mlp_ratio, qkv_bias=True, drop_path=dpr[i])
+            for i in range(shape.depth))
+        self.norm = nn.LayerNorm(shape.width, eps=1e-6)
+        layer = resolve_layer(tap_layer, shape.depth, "loss.student_layer")
+        self.tap = QKTap(self.blocks[layer].attn.qkv, shape.heads)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids=input_ids)
+        mask = additive_mask(attention_mask, x.dtype)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=mask)
+        return self.norm(x)
+
+
+@dataclass
+class StudentOutput:
+    logits: torch.Tensor | None
+    qk: list[CrossQK]
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    itc_loss: torch.Tensor | None = None
+
+
+class DualEncoder(nn.Module):
+    """The DiDE student.
+
+    ``encode_image`` / ``encode_text`` run one tower each (cacheable); ``fuse`` is the only
+    place the modalities meet; ``classify`` applies the task head.
+    """
+
+    def __init__(self, shape: TowerShape, task: str, num_classes: int, tap_layer: int = -1):
+        super().__init__()
+        self.shape, self.task, self.num_classes = shape, task, num_classes
+        h = shape.width
+        self.image = ImageTower(shape, tap_layer)
+        self.text = TextTower(shape, tap_layer)
+        self.fusion = mlp_head(2 * h, 2 * h, h)
+        if task == "itm":
+            self.head = nn.Linear(h, 2)
+        elif task == "nlvr2":
+            self.head = mlp_head(2 * h, 2 * h, 2)
+        else:  # vqa, snli_ve
+            self.head = mlp_head(h, 2 * h, num_classes)
+        # contrastive projections (pre-training ITC and hard-negative mining)
+        self.itc_image = nn.Linear(h, h)
+        self.itc_text = nn.Linear(h, h)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07)
+
+    # -- towers --------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.image.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def set_capture(self, enable: bool) -> None:
+        self.image.tap.enabled = self.text.tap.enabled = enable
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image(pixels)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids, attention_mask)
+
+    def take_qk(self, text_mask: torch.Tensor) -> CrossQK:
+        """Queries/keys captured at the tapped block by the last encode_text/encode_image."""
+        q_t, k_t = self.text.tap.take()
+        q_i, k_i = self.image.tap.take()
+        return CrossQK(q_t, k_t, q_i, k_i, text_mask.bool())
+
+    # -- interaction ---------------------------------------------------------------------
+    def fuse(self, text_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """Fused vector from the two [CLS] states (token states or cached [CLS] vectors)."""
+        t = text_states[:, 0] if text_states.dim() == 3 else text_states
+        i = image_states[:, 0] if image_states.dim() == 3 else image_states
+        return self.fusion(torch.cat([t, i], dim=-1))
+
+    def classify(self, text_states, image_states, image_states2=None) -> torch.Tensor:
+        if self.task == "nlvr2":
+            if image_states2 is None:
+                raise ValueError("nlvr2 needs two images")
+            pair = torch.cat([self.fuse(text_states, image_states), self.fuse(text_states, image_states2)], -1)
+            return self.head(pair)
+        return self.head(self.fuse(text_states, image_states))
+
+    def pooled(self, text_states, image_states) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised contrastive embeddings (text, image)."""
+        t = F.normalize(self.itc_text(text_states[:, 0]), dim=-1)
+        i = F.normalize(self.itc_image(image_states[:, 0]), dim=-1)
+        return t, i
+
+    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
+                itc: bool = False) -> "StudentOutput":
+        """The student's whole share of a training/eval step (one module call, so DeepSpeed
+        ZeRO-3 gathers every parameter it touches).
+
+        For ``task='itm'`` the rows are [positives; (text, hard-negative image);
+        (hard-negative text, image)] and ``pairs`` says which text/image each row used.
+        """
+        self.set_capture(capture)
+        text = self.encode_text(input_ids, attention_mask)
+        image = self.encode_image(pixels)
+        qk = [self.take_qk(attention_mask)] if capture else []
+        out = StudentOutput(logits=None, qk=qk)
+        if self.task == "itm":
+            t_emb, i_emb = self.pooled(text, image)
+            if itc:
+                out.itc_loss = contrastive(t_emb, i_emb, self.logit_scale)
+            neg_img, neg_txt = mine_hard_negatives(t_emb, i_emb)
+            ar = torch.arange(text.shape[0], device=text.device)
+            t_idx, i_idx = torch.cat([ar, ar, neg_txt]), torch.cat([ar, neg_img, ar])
+            out.logits = self.head(self.fuse(text[t_idx, 0], image[i_idx, 0]))
+            out.pairs = (t_idx, i_idx)
+            out.qk = [q.index(t_idx, i_idx) for q in qk]
+        elif self.task == "nlvr2":
+            image2 = self.encode_image(pixels2)
+            if capture:
+                q_i, k_i = self.image.tap.take()
+                out.qk.append(CrossQK(qk[0].q_text, qk[0].k_text, q_i, k_i, qk[0].text_mask))
+            out.logits = self.classify(text, image, image2)
+        else:
+            out.logits = self.classify(text, image)
+        self.set_capture(False)
+        return out
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters that take optim.head_lr_mult (fusion + task head)."""
+        return [*self.fusion.parameters(), *self.head.parameters()]
+
+    def export_config(self) -> dict:
+        return {"model_type": "dide_dual_encoder", "task": self.task, "num_classes": self.num_classes,
+                "shape": asdict(self.shape)}
