@@ -1,0 +1,262 @@
+"""A Hugging Face ``transformers`` ViLT checkpoint directory as the frozen teacher.
+
+:class:`HFViltTeacher` has the call interface of the project's own
+:class:`~dide_scale.models.fusion.FusionEncoder`::
+
+    logits, qks = teacher(pixels, input_ids, attention_mask, pixels2=None, capture=False)
+
+``pixels`` are in [0, 1] ([B, 3, H, W]); the adapter applies the checkpoint's own image
+normalisation (``preprocessor_config.json``'s ``image_mean``/``image_std``, else ViLT's
+0.5/0.5).  ``qks`` holds one :class:`CrossQK` per image pass (two for NLVR2) when
+``capture`` is set, else it is empty.
+
+Patch order.  ``ViltEmbeddings.visual_embed`` shuffles the patches with
+``torch.multinomial`` whenever every patch is valid (and keeps a random subset when
+``config.max_image_length`` is smaller than the patch count).  Attention distillation needs
+the teacher's image tokens in the raster order the student uses, so this adapter builds the
+image embeddings itself, deterministically and with *all* patches ([CLS] first, then patches
+row by row, the position table interpolated bilinearly with ``align_corners=True`` to the
+patch grid exactly as ``visual_embed`` does) and hands them to ``ViltModel`` through
+``image_embeds=`` with an all-ones ``pixel_mask``.  ``config.max_image_length`` is therefore
+ignored (fine-tuned ViLT checkpoints use -1 = all patches anyway).
+
+Task heads (``task``):
+
+- ``'vqa'``: ``ViltForQuestionAnswering``; logits [B, num_labels] (VQA scores, sigmoid).
+- ``'snli_ve'``: ``ViltForQuestionAnswering`` whose config has exactly 3 labels (ViLT's
+  SNLI-VE head has the VQA head's shape); logits [B, 3].
+- ``'nlvr2'``: ``ViltForImagesAndTextClassification`` with ``num_images=2``; the text runs
+  once with each image (image token type 1 and 2, as transformers does); logits [B, 2].
+- ``'itm'``: ``ViltForImageAndTextRetrieval``.  Its ``rank_output`` gives one score ``s``
+  per pair (in original ViLT it is the "match" row of the 2-way ITM head).  The adapter
+  exposes 2-class logits ``[-s/2, s/2]`` (class 0 = no match, class 1 = match, as the
+  project's ITM labels): softmax over them gives ``P(match) = sigmoid(s)``, i.e. ``s`` is
+  treated as the match log-odds.  A checkpoint without that head (a plain ``ViltModel`` or
+  ``ViltForMaskedLM``) is refused rather than given a random head.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CrossQK, resolve_layer
+from .student import VILT_MEAN, VILT_STD, Normalize
+
+TASK_CLASSES = {
+    "itm": "ViltForImageAndTextRetrieval",
+    "vqa": "ViltForQuestionAnswering",
+    "nlvr2": "ViltForImagesAndTextClassification",
+    "snli_ve": "ViltForQuestionAnswering",
+}
+_EXPECTED = "a transformers ViLT checkpoint directory (config.json + weights, as written by save_pretrained)"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); expected {_EXPECTED}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object; expected {_EXPECTED}")
+    return data
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+
+
+class _QKCapture:
+    """Forward hooks on one block's ``query`` and ``key`` Linears; keep their outputs only
+    while ``enabled``."""
+
+    def __init__(self, query: nn.Linear, key: nn.Linear, num_heads: int):
+        self.num_heads = num_heads
+        self.enabled = False
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+        query.register_forward_hook(self._hook_q)
+        key.register_forward_hook(self._hook_k)
+
+    def _hook_q(self, module, inputs, output):
+        if self.enabled:
+            self.q = output
+
+    def _hook_k(self, module, inputs, output):
+        if self.enabled:
+            self.k = output
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # [B, H, N, D]
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, self.q, self.k = self.q, self.k, None, None
+        if q is None or k is None:
+            raise RuntimeError("HFViltTeacher: no query/key captured (forward without capture?)")
+        return self._heads(q), self._heads(k)
+
+
+class HFViltTeacher(nn.Module):
+    """Frozen transformers ViLT model with a task head, called like ``FusionEncoder``.
+
+    Build it with :meth:`from_pretrained`.  Attributes: ``task``, ``num_classes``,
+    ``num_heads``, ``width``, ``depth``, ``patch_size``, ``vocab_size``, ``max_text_len``,
+    ``image_size`` (the checkpoint's pre-training resolution; any multiple of the patch size
+    is accepted), ``tap_layer`` (resolved, 0-based) and ``model`` (the transformers model).
+    """
+
+    def __init__(self, model: nn.Module, task: str, tap_layer: int = -1,
+                 mean=VILT_MEAN, std=VILT_STD):
+        super().__init__()
+        if task not in TASK_CLASSES:
+            raise ValueError(f"task={task!r} must be one of {sorted(TASK_CLASSES)}")
+        cfg = model.config
+        self.model = model
+        self.task = task
+        self.normalize = Normalize(tuple(mean), tuple(std))
+        self.num_heads = int(cfg.num_attention_heads)
+        self.width = int(cfg.hidden_size)
+        self.depth = int(cfg.num_hidden_layers)
+        patch = _pair(cfg.patch_size)
+        self.patch_size = patch[0] if patch[0] == patch[1] else patch
+        self.image_size = list(_pair(cfg.image_size))
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_text_len = int(cfg.max_position_embeddings)
+        self.num_classes = 2 if task == "itm" else int(cfg.num_labels)
+        self.tap_layer = resolve_layer(tap_layer, self.depth, "loss.teacher_layer")
+        attn = self.vilt.encoder.layer[self.tap_layer].attention.attention
+        self._tap = _QKCapture(attn.query, attn.key, self.num_heads)
+
+    # -- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, task: str, tap_layer: int = -1,
+                        **hf_kwargs) -> "HFViltTeacher":
+        """Load ``path`` (a transformers ViLT checkpoint directory) for ``task``
+        ('itm', 'vqa', 'nlvr2', 'snli_ve').  ``hf_kwargs`` go to transformers'
+        ``from_pretrained`` (e.g. ``dtype=``).  The result is in eval mode and frozen."""
+        if task not in TASK_CLASSES:
+            raise ValueError(f"task={task!r} must be one of {sorted(TASK_CLASSES)}")
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"teacher checkpoint directory {str(root)!r} does not exist; "
+                                    f"expected {_EXPECTED}")
+        cfg_path = root / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{str(root)!r} has no config.json; expected {_EXPECTED}")
+        raw = _read_json(cfg_path)
+        model_type = raw.get("model_type")
+        if model_type != "vilt":
+            raise ValueError(f"{str(cfg_path)!r} has model_type={model_type!r}, but a ViLT checkpoint "
+                             f"(model_type 'vilt') was expected: {_EXPECTED}")
+        want = TASK_CLASSES[task]
+        archs = raw.get("architectures") or []
+        if archs and want not in archs:
+            raise ValueError(
+                f"{str(root)!r} holds a {', '.join(archs)} checkpoint, but task={task!r} needs {want} "
+                f"(its task head)" + (": a plain ViltModel/ViltForMaskedLM has no ITM head"
+                                      if task == "itm" else ""))
+        import transformers
+        config = transformers.ViltConfig.from_pretrained(str(root))
+        if task == "snli_ve" and config.num_labels != 3:
+            raise ValueError(f"task='snli_ve' needs a ViltForQuestionAnswering checkpoint with 3 labels "
+                             f"(entailment/neutral/contradiction); {str(root)!r} has {config.num_labels}")
+        if task == "nlvr2":
+            if config.num_images != 2:
+                raise ValueError(f"task='nlvr2' needs config.num_images=2; {str(root)!r} has {config.num_images}")
+            if config.modality_type_vocab_size < 3:
+                raise ValueError(f"task='nlvr2' needs modality_type_vocab_size >= 3 (token type 2 marks the "
+                                 f"second image); {str(root)!r} has {config.modality_type_vocab_size}")
+        model_cls = getattr(transformers, want)
+        model, info = model_cls.from_pretrained(str(root), output_loading_info=True, **hf_kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        mismatched = list(info.get("mismatched_keys") or [])
+        if missing or mismatched:
+            raise ValueError(
+                f"{str(root)!r} does not hold every weight of {want} (task={task!r}); these would be "
+                f"randomly initialised: {(missing + [str(m) for m in mismatched])[:8]}"
+                + (" (a plain ViltModel has no ITM head)" if task == "itm" else ""))
+
+        mean, std = VILT_MEAN, VILT_STD
+        pre = root / "preprocessor_config.json"
+        if pre.is_file():
+            pcfg = _read_json(pre)
+            mean = tuple(_three(pcfg.get("image_mean", mean), "image_mean", pre))
+            std = tuple(_three(pcfg.get("image_std", std), "image_std", pre))
+        teacher = cls(model, task, tap_layer, mean, std)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    @property
+    def vilt(self) -> nn.Module:
+        """The underlying ``ViltModel`` (embeddings, encoder, final LayerNorm, pooler)."""
+        return self.model.vilt
+
+    # -- forward -------------------------------------------------------------------------
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[CLS] + all patches in raster order, with (interpolated) position embeddings:
+        ``visual_embed`` without its random patch permutation/subsampling.  [B, 1+N, C];
+        the modality-type embedding is added later by ``ViltEmbeddings.forward``."""
+        emb = self.vilt.embeddings
+        pe = emb.patch_embeddings
+        h, w = pixels.shape[-2:]
+        if h % pe.patch_size[0] or w % pe.patch_size[1]:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the teacher's patch size "
+                             f"{tuple(pe.patch_size)}")
+        x = pe(self.normalize(pixels))  # [B, C, gh, gw]
+        b, c, gh, gw = x.shape
+        grid = (pe.image_size[0] // pe.patch_size[0], pe.image_size[1] // pe.patch_size[1])
+        table = emb.position_embeddings
+        spatial = table[:, 1:, :].transpose(1, 2).reshape(1, c, grid[0], grid[1])
+        pos = F.interpolate(spatial, size=(gh, gw), mode="bilinear", align_corners=True)
+        x = x.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
+        cls_tok = (emb.cls_token + table[:, :1, :]).expand(b, -1, -1)
+        return emb.dropout(torch.cat([cls_tok.to(x.dtype), x], dim=1))
+
+    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False):
+        """Pooled output of one (text, image) pass, and its CrossQK when capturing."""
+        nt = input_ids.shape[1]
+        if nt > self.max_text_len:
+            raise ValueError(f"text has {nt} tokens but the ViLT teacher has only {self.max_text_len} "
+                             f"text positions (max_position_embeddings); truncate to {self.max_text_len}")
+        image = self.embed_image(pixels)
+        pixel_mask = torch.ones(image.shape[0], 1, image.shape[1], dtype=torch.long, device=image.device)
+        self._tap.enabled = capture
+        try:
+            out = self.vilt(input_ids=input_ids, attention_mask=attention_mask.long(), image_embeds=image,
+                            pixel_mask=pixel_mask, image_token_type_idx=type_id, return_dict=True)
+        finally:
+            self._tap.enabled = False
+        if not capture:
+            return out.pooler_output, None
+        q, k = self._tap.take()
+        qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
+        return out.pooler_output, qk
+
+    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False):
+        pooled, qk = self.joint(pixels, input_ids, attention_mask, 1, capture)
+        if self.task == "nlvr2":
+            if pixels2 is None:
+                raise ValueError("nlvr2 needs two images")
+            pooled2, qk2 = self.joint(pixels2, input_ids, attention_mask, 2, capture)
+            logits = self.model.classifier(torch.cat([pooled, pooled2], dim=-1))
+            return logits, [qk, qk2] if capture else []
+        if self.task == "itm":
+            s = self.model.rank_output(pooled)  # [B, 1]: the "match" logit
+            logits = torch.cat([-0.5 * s, 0.5 * s], dim=-1)
+        else:
+            logits = self.model.classifier(pooled)
+        return logits, [qk] if capture else []
+
+
+def _three(v, name: str, path: Path) -> list[float]:
+    vals = [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
+    if len(vals) != 3:
+        raise ValueError(f"{path}: {name} must have 3 values (RGB), got {v!r}")
+    return vals

@@ -1,0 +1,208 @@
+"""HFViltTeacher: a transformers ViLT checkpoint directory as the frozen teacher (tiny, CPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (ViltConfig, ViltForImageAndTextRetrieval, ViltForImagesAndTextClassification,  # noqa: E402
+                          ViltForQuestionAnswering, ViltModel)
+
+from dide_scale.models.attention import t2i_i2t  # noqa: E402
+from dide_scale.models.hf_vilt import HFViltTeacher  # noqa: E402
+
+B, NT = 3, 7
+
+
+def tiny_config(**kw) -> ViltConfig:
+    args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                image_size=64, patch_size=16, max_position_embeddings=12, vocab_size=100, num_labels=5)
+    args.update(kw)
+    return ViltConfig(**args)
+
+
+def save(model, path):
+    torch.manual_seed(0)
+    model.eval()
+    model.save_pretrained(path)
+    return path
+
+
+def inputs(h=64, w=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(B, 3, h, w, generator=g)
+    input_ids = torch.randint(1, 100, (B, NT), generator=g)
+    mask = torch.ones(B, NT, dtype=torch.long)
+    mask[0, 4:] = 0  # padded rows
+    mask[2, 6:] = 0
+    input_ids = input_ids * mask
+    return pixels, input_ids, mask
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save(ViltForQuestionAnswering(tiny_config()), tmp_path_factory.mktemp("vqa"))
+
+
+def renorm(p: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    p = p * key_mask[:, None, None, :].to(p.dtype)
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("tap_layer", [-1, 0])
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_cross_attention_and_logits_match_transformers(vqa_dir, tap_layer, size):
+    teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa", tap_layer=tap_layer)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert (teacher.num_heads, teacher.width, teacher.depth, teacher.patch_size) == (2, 32, 2, 16)
+    assert (teacher.task, teacher.num_classes, teacher.vocab_size) == ("vqa", 5, 100)
+
+    pixels, ids, mask = inputs(*size)
+    with torch.no_grad():
+        logits, qks = teacher(pixels, ids, mask, capture=True)
+        logits_nocap, none = teacher(pixels, ids, mask)
+    assert none == [] and len(qks) == 1
+    torch.testing.assert_close(logits, logits_nocap, rtol=0, atol=0)
+    qk = qks[0]
+    n_img = 1 + (size[0] // 16) * (size[1] // 16)
+    assert qk.q_text.shape == (B, 2, NT, 16) and qk.k_image.shape == (B, 2, n_img, 16)
+    assert torch.equal(qk.text_mask, mask.bool()) and qk.image_mask is None
+    t2i, i2t = t2i_i2t(qk)
+
+    ref = ViltForQuestionAnswering.from_pretrained(vqa_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        image_embeds = teacher.embed_image(pixels)
+        pixel_mask = torch.ones(B, 1, n_img, dtype=torch.long)
+        out = ref(input_ids=ids, attention_mask=mask, image_embeds=image_embeds, pixel_mask=pixel_mask,
+                  output_attentions=True)
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-6)
+
+    att = out.attentions[teacher.tap_layer]  # [B, H, NT+n_img, NT+n_img]
+    assert att.shape[-1] == NT + n_img
+    ref_t2i = renorm(att[:, :, :NT, NT:], torch.ones(B, n_img))
+    ref_i2t = renorm(att[:, :, NT:, :NT], mask)
+    valid_text = mask.bool()[:, None, :, None].expand_as(ref_t2i)
+    torch.testing.assert_close(t2i.exp()[valid_text], ref_t2i[valid_text], rtol=0, atol=1e-5)
+    torch.testing.assert_close(i2t.exp(), ref_i2t, rtol=0, atol=1e-5)  # every image row is valid
+    # padded text keys get no mass
+    assert i2t.exp()[0, :, :, 4:].max() < 1e-6
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (96, 32)])
+def test_image_embeddings_are_visual_embed_in_raster_order(vqa_dir, size):
+    """Same tokens as transformers' visual_embed, minus its random patch permutation."""
+    teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
+    pixels = torch.rand(B, 3, *size)
+    emb = teacher.vilt.embeddings
+    with torch.no_grad():
+        ours = teacher.embed_image(pixels)
+        torch.manual_seed(3)
+        theirs, theirs_mask, (patch_index, _) = emb.visual_embed(
+            teacher.normalize(pixels), torch.ones(B, *size, dtype=torch.long), max_image_length=-1)
+    gw = size[1] // 16
+    assert theirs_mask.all() and ours.shape == theirs.shape
+    raster = patch_index[..., 0] * gw + patch_index[..., 1]  # [B, N] raster index of each token
+    assert not torch.equal(raster[0], torch.arange(raster.shape[1]))  # transformers did shuffle
+    gathered = torch.gather(ours[:, 1:], 1, raster[..., None].expand(-1, -1, ours.shape[-1]))
+    torch.testing.assert_close(gathered, theirs[:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:, 0], theirs[:, 0], rtol=0, atol=0)
+
+
+def test_nlvr2_two_passes(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(num_images=2, num_labels=2, modality_type_vocab_size=3)
+    ref = ViltForImagesAndTextClassification(cfg).eval()
+    save(ref, tmp_path)
+    teacher = HFViltTeacher.from_pretrained(tmp_path, "nlvr2")
+    assert teacher.num_classes == 2
+    pixels, ids, mask = inputs()
+    pixels2 = torch.rand_like(pixels)
+    with torch.no_grad():
+        logits, qks = teacher(pixels, ids, mask, pixels2, capture=True)
+        embeds = torch.stack([teacher.embed_image(pixels), teacher.embed_image(pixels2)], 1)
+        pm = torch.ones(B, 2, 1, embeds.shape[2], dtype=torch.long)
+        want = ref(input_ids=ids, attention_mask=mask, image_embeds=embeds, pixel_mask=pm).logits
+    assert logits.shape == (B, 2) and len(qks) == 2
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-6)
+    # same text, different image (and image token type): text queries differ at the last block
+    assert torch.equal(qks[0].text_mask, qks[1].text_mask)
+    assert not torch.allclose(qks[0].q_text, qks[1].q_text)
+    with pytest.raises(ValueError, match="two images"):
+        teacher(pixels, ids, mask)
+
+
+def test_itm_logits_and_plain_model_refused(tmp_path):
+    torch.manual_seed(0)
+    ref = ViltForImageAndTextRetrieval(tiny_config()).eval()
+    save(ref, tmp_path / "itm")
+    teacher = HFViltTeacher.from_pretrained(tmp_path / "itm", "itm")
+    pixels, ids, mask = inputs()
+    with torch.no_grad():
+        logits, _ = teacher(pixels, ids, mask)
+        score = ref(input_ids=ids, attention_mask=mask, image_embeds=teacher.embed_image(pixels),
+                    pixel_mask=torch.ones(B, 1, 17, dtype=torch.long)).logits
+    assert logits.shape == (B, 2) and teacher.num_classes == 2
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], score[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits.sum(-1), torch.zeros(B), rtol=0, atol=1e-6)
+
+    save(ViltModel(tiny_config()), tmp_path / "plain")
+    with pytest.raises(ValueError, match="ViltForImageAndTextRetrieval"):
+        HFViltTeacher.from_pretrained(tmp_path / "plain", "itm")
+    # the same refusal without an `architectures` hint: missing head weights are detected
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rank_output"):
+        HFViltTeacher.from_pretrained(tmp_path / "plain", "itm")
+
+
+def test_snli_ve_needs_three_labels(vqa_dir, tmp_path):
+    with pytest.raises(ValueError, match="3 labels"):
+        HFViltTeacher.from_pretrained(vqa_dir, "snli_ve")
+    torch.manual_seed(0)
+    save(ViltForQuestionAnswering(tiny_config(num_labels=3)), tmp_path)
+    teacher = HFViltTeacher.from_pretrained(tmp_path, "snli_ve")
+    logits, _ = teacher(*inputs())
+    assert logits.shape == (B, 3) and teacher.num_classes == 3
+
+
+def test_preprocessor_normalisation(vqa_dir, tmp_path):
+    assert torch.allclose(HFViltTeacher.from_pretrained(vqa_dir, "vqa").normalize.mean, torch.tensor(0.5))
+    torch.manual_seed(0)
+    save(ViltForQuestionAnswering(tiny_config()), tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
+    t = HFViltTeacher.from_pretrained(tmp_path, "vqa")
+    assert torch.allclose(t.normalize.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.allclose(t.normalize.std.flatten(), torch.tensor([0.4, 0.5, 0.6]))
+
+
+def test_bad_inputs(tmp_path, vqa_dir):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as e:
+        HFViltTeacher.from_pretrained(missing, "vqa")
+    assert str(missing) in str(e.value) and "ViLT checkpoint directory" in str(e.value)
+    assert "config.json" in str(e.value)
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(ValueError) as e:
+        HFViltTeacher.from_pretrained(bert, "vqa")
+    assert "'bert'" in str(e.value) and "ViLT checkpoint" in str(e.value)
+
+    with pytest.raises(ValueError, match="task="):
+        HFViltTeacher.from_pretrained(vqa_dir, "captioning")
+    with pytest.raises(ValueError, match="loss.teacher_layer"):
+        HFViltTeacher.from_pretrained(vqa_dir, "vqa", tap_layer=5)
+    with pytest.raises(ValueError, match="ViltForImagesAndTextClassification"):
+        HFViltTeacher.from_pretrained(vqa_dir, "nlvr2")
+    teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
+    pixels, ids, mask = inputs()
+    with pytest.raises(ValueError, match="text positions"):
+        teacher(pixels, torch.ones(B, 13, dtype=torch.long), torch.ones(B, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of the teacher's patch size"):
+        teacher(torch.rand(B, 3, 50, 64), ids, mask)
