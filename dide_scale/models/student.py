@@ -150,7 +150,7 @@ class DualEncoder(nn.Module):
         # contrastive projections (pre-training ITC and hard-negative mining)
         self.itc_image = nn.Linear(h, h)
         self.itc_text = nn.Linear(h, h)
-        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07)
+        self.logit_scale = nn.Parameter(torch.full((1,), 2.659))  # log(1/0.07); 1-d: DeepSpeed broadcasts bytes views
 
     # -- towers --------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -1,0 +1,196 @@
+"""Checkpoints: the one module that saves, finds, validates, resumes and purges them.
+
+Layout of a run directory::
+
+    checkpoints/
+      step_00000100/            DeepSpeed sharded checkpoint of the student (all ranks)
+        ...                     (DeepSpeed's own files)
+        dide_rank00000.pt       this project's per-rank state (weights_only-loadable)
+        COMPLETE.json           written last, by rank 0, after every rank finished: a
+                                manifest of every file and its size
+      latest                    tag of the newest complete checkpoint (atomic rename)
+
+A checkpoint without ``COMPLETE.json``, or whose files do not match its manifest, is
+reported and skipped in favour of the previous one.  The teacher is never saved.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("dide_scale.checkpoint")
+COMPLETE = "COMPLETE.json"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain tuples, so they load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def manifest(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def verify(d: Path) -> str | None:
+    """None if the checkpoint directory is complete and intact, else the reason."""
+    marker = d / COMPLETE
+    if not marker.exists():
+        return "incomplete (no COMPLETE.json: a save was interrupted)"
+    try:
+        want = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return "corrupt COMPLETE.json"
+    have = manifest(d)
+    for name, size in want.items():
+        if name not in have:
+            return f"missing file {name}"
+        if have[name] != size:
+            return f"file {name} has {have[name]} bytes, expected {size} (truncated?)"
+    return None
+
+
+class Checkpointer:
+    """Save / resume / purge DeepSpeed sharded checkpoints plus the project's state.
+
+    ``state`` given to ``save`` is this rank's resumable state (step, samples seen, data
+    position, ...) as plain data and tensors; RNG states are added here.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    # -- save -----------------------------------------------------------------------------
+    def save(self, engine, step: int, state: dict, config: dict) -> Path:
+        tag = tag_for(step)
+        d = self.dir / tag
+        if _rank() == 0 and d.exists():  # a stale partial save of the same step
+            shutil.rmtree(d)
+        _barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dide": {"step": step}},
+                               save_latest=False)
+        own = {"state": state, "rng": rng_state(), "config": config, "world_size": _world()}
+        tmp = d / f"dide_rank{_rank():05d}.pt.tmp"
+        torch.save(own, tmp)
+        os.replace(tmp, d / f"dide_rank{_rank():05d}.pt")
+        _barrier()  # every rank has written its shards and its state
+        if _rank() == 0:
+            write_atomic(d / COMPLETE, json.dumps({"step": step, "world_size": _world(), "files": manifest(d)}))
+            write_atomic(self.dir / "latest", tag)
+            self.purge()
+        _barrier()
+        return d
+
+    def purge(self) -> None:
+        tags = self.complete_tags()
+        for tag in tags[: max(0, len(tags) - self.keep_last)]:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+    # -- find -----------------------------------------------------------------------------
+    def all_tags(self) -> list[str]:
+        if not self.dir.exists():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+    def complete_tags(self) -> list[str]:
+        return [t for t in self.all_tags() if (self.dir / t / COMPLETE).exists()]
+
+    def candidates(self) -> list[str]:
+        """Tags to try, newest first (the ``latest`` pointer is a hint, not the only truth:
+        a crash between the marker and the pointer must not lose a complete checkpoint)."""
+        return list(reversed(self.all_tags()))
+
+    # -- resume ---------------------------------------------------------------------------
+    def resume(self, engine, load_optimizer: bool = True) -> dict | None:
+        """Load the newest intact checkpoint into ``engine``; returns this rank's saved
+        state, or None for a fresh start.  Broken checkpoints are reported and skipped."""
+        for tag in self.candidates():
+            d = self.dir / tag
+            problem = verify(d)
+            if problem is None:
+                problem = self._load(engine, tag, load_optimizer)
+                if problem is None:
+                    own = self._own_state(d)
+                    if own is not None:
+                        set_rng_state(own["rng"])
+                        log.info("resumed from %s", d)
+                        return own
+                    problem = f"no state for rank {_rank()} (saved at world size {self.saved_world(d)})"
+            if _rank() == 0:
+                log.warning("skipping checkpoint %s: %s", d, problem)
+        return None
+
+    def _load(self, engine, tag: str, load_optimizer: bool) -> str | None:
+        saved_world = self.saved_world(self.dir / tag)
+        try:
+            if saved_world != _world():
+                return f"saved at world size {saved_world}, running at {_world()}"
+            path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=load_optimizer,
+                                             load_lr_scheduler_states=load_optimizer)
+        except Exception as e:  # a corrupt shard surfaces as an unpickling/IO error
+            return f"load failed: {e.__class__.__name__}: {e}"
+        return None if path is not None else "DeepSpeed found nothing to load"
+
+    def _own_state(self, d: Path) -> dict | None:
+        p = d / f"dide_rank{_rank():05d}.pt"
+        if not p.exists():
+            return None
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def saved_world(d: Path) -> int:
+        try:
+            return json.loads((d / COMPLETE).read_text())["world_size"]
+        except (OSError, ValueError, KeyError):
+            return -1

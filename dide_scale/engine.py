@@ -1,0 +1,224 @@
+"""The only module that imports DeepSpeed.
+
+* ``build_ds_config``: the run config and an optional DeepSpeed JSON reconciled in one
+  place (batch arithmetic checked, clipping explicit, precision, ZeRO stage, offload),
+  validated before any process group exists.
+* ``init_distributed``: the process group (gloo on CPU, nccl on GPU) with the collective
+  timeout from the config.
+* ``build_engines``: the student as a DeepSpeed training engine; the teacher as its own
+  engine partitioned with ZeRO-3 when the student is at stage 3 (each rank holds ~1/N of
+  its parameters), otherwise replicated on every rank, in eval mode and in the student's
+  dtype.  The teacher never sees the optimizer.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, RunConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config actually used (it is saved in the run directory)."""
+    t = cfg.train
+    base: dict = {}
+    if t.ds_config:
+        p = Path(t.ds_config)
+        if not p.exists():
+            raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist")
+        try:
+            base = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train.ds_config={t.ds_config!r} is not valid JSON: {e}") from None
+    ds = copy.deepcopy(base)
+    accum = cfg.grad_accum_steps(world_size)
+    for key, ours in (("train_batch_size", t.global_batch_size), ("train_micro_batch_size_per_gpu",
+                                                                  t.micro_batch_size),
+                      ("gradient_accumulation_steps", accum)):
+        if key in base and base[key] not in ("auto", ours):
+            raise ConfigError(f"train.ds_config sets {key}={base[key]} but the run config gives {ours}; "
+                              "remove it from the JSON (the run config owns batch arithmetic)")
+        ds[key] = ours
+    ds["gradient_clipping"] = float(t.grad_clip)
+    zero = dict(base.get("zero_optimization", {}))
+    if "stage" in zero and zero["stage"] != t.zero_stage:
+        raise ConfigError(f"train.ds_config has zero_optimization.stage={zero['stage']} but "
+                          f"train.zero_stage={t.zero_stage}")
+    zero["stage"] = t.zero_stage
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds["zero_optimization"] = zero
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    fp16 = dict(base.get("fp16", {}))
+    fp16.update(enabled=t.precision == "fp16")
+    if t.precision == "fp16":
+        fp16.setdefault("loss_scale", 0)  # dynamic
+        fp16.setdefault("initial_scale_power", 16)
+    ds["fp16"] = fp16
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10 ** 9)  # our own logger prints
+    ds.setdefault("wall_clock_breakdown", False)
+    validate_ds_config(ds, "train.ds_config" if t.ds_config else "the DeepSpeed config")
+    return ds
+
+
+def validate_ds_config(ds: dict, where: str) -> None:
+    """Combinations DeepSpeed cannot run, caught before any process starts."""
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if zero.get("offload_param") and stage != 3:
+        raise ConfigError(f"{where}: zero_optimization.offload_param needs stage 3 (got {stage}); "
+                          "set train.zero_stage=3 or remove the offload")
+    if zero.get("offload_optimizer") and stage == 0:
+        raise ConfigError(f"{where}: zero_optimization.offload_optimizer needs stage >= 1")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{where}: bf16 and fp16 are both enabled; choose one with train.precision")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage={stage} must be 0-3")
+    mb, acc, gb = (ds.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                       "train_batch_size"))
+    if all(isinstance(v, int) for v in (mb, acc, gb)) and gb % (mb * acc):
+        raise ConfigError(f"{where}: train_batch_size={gb} is not micro {mb} x accumulation {acc} x world size")
+
+
+def init_distributed(env, timeout_s: int) -> None:
+    """Process group for this rank (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    env.export()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
+                               world_size=env.world_size)
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    get_accelerator().synchronize()
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_params: list[nn.Parameter],
+                 head_lr_mult: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings tables' norms, position/cls tokens and
+    the logit scale; the fusion + task head get ``head_lr_mult`` x lr (the paper's VQA x10)."""
+    head_ids = {id(p) for p in head_params}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or name.endswith(("cls_token", "pos_embed", "logit_scale"))
+        groups.setdefault((id(p) in head_ids, no_decay), []).append(p)
+    return [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0),
+             "weight_decay": 0.0 if nd else weight_decay} for (head, nd), ps in groups.items()]
+
+
+def lr_lambda(max_steps: int, warmup_fraction: float, min_ratio: float):
+    """Linear warm-up then linear decay, in optimizer steps (correct under accumulation)."""
+    warm = int(max_steps * warmup_fraction)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, max_steps - warm)
+        return max(min_ratio, 1.0 - (1.0 - min_ratio) * frac)
+    return f
+
+
+@dataclass
+class Engines:
+    student: "deepspeed.DeepSpeedEngine"
+    teacher: nn.Module | None
+    dtype: torch.dtype
+    device: torch.device
+    teacher_partitioned: bool
+
+    @property
+    def student_module(self) -> nn.Module:
+        return self.student.module
+
+
+def build_engines(cfg: RunConfig, ds_config: dict, student: nn.Module, teacher: nn.Module | None) -> Engines:
+    o = cfg.optim
+    groups = param_groups(student, o.lr, o.weight_decay, student.head_parameters(), o.head_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.max_steps, o.warmup_fraction, o.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    dtype = DTYPES[cfg.train.precision]
+    dev = engine.device if hasattr(engine, "device") else device()
+    t_engine, partitioned = None, False
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+        if cfg.train.zero_stage == 3:
+            t_cfg = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+                     "gradient_accumulation_steps": 1,
+                     "train_batch_size": ds_config["train_micro_batch_size_per_gpu"] * _world(),
+                     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                           **({"offload_param": {"device": "cpu"}} if cfg.train.offload else {})},
+                     "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
+                     "steps_per_print": 10 ** 9}
+            t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=t_cfg)
+            t_engine.eval()
+            partitioned = True
+        else:
+            t_engine = teacher.to(device=dev, dtype=dtype)
+    return Engines(engine, t_engine, dtype, dev, partitioned)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_param_fraction(module: nn.Module) -> float:
+    """Fraction of a (possibly ZeRO-3 partitioned) module's parameters held on this rank."""
+    held = total = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else n
+    return held / max(1, total)
+
+
+def grad_norm(engine) -> float | None:
+    """Global gradient norm of the last optimizer step (None when DeepSpeed has none)."""
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    g = float(g)
+    return g if math.isfinite(g) else float("nan")
+
+
+def loss_scale(engine) -> float:
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+    return float(scale) if scale is not None else 1.0
+
+
+def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict:
+    """Full fp32 student weights from a sharded checkpoint (any ZeRO stage, any world size)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -1,0 +1,258 @@
+"""``dide-pretrain``: distillation training (pre-training ITM, or a fine-tuning task).
+
+    dide-pretrain --config debug [key=value ...]
+
+Runs as one process, under ``torchrun``/``deepspeed`` or under ``srun``.  Re-running the
+same command on the same ``train.output_dir`` resumes from the newest intact checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .config import ConfigError, RunConfig, load_config, save_resolved
+
+log = logging.getLogger("dide_scale")
+REQUEUE_EXIT_CODE = 42  # "checkpointed on a stop signal: requeue me" (see slurm/ and launch/)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM's time-limit warning and preemption) set a flag; the loop
+    agrees on it across ranks at a step boundary and checkpoints."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+    bad_steps: int = 0
+    history: list = field(default_factory=list)
+
+
+def agree(flag: bool, group) -> bool:
+    """Any rank's flag -> every rank's answer (a CPU gloo all-reduce: no device sync)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def train_step(engines, task, batches, accum: int, timed: bool):
+    """One optimizer step = ``accum`` micro-batches.  Returns (loss, parts, timings)."""
+    from .engine import synchronize
+    from .task import batch_to_device
+    eng = engines.student
+    times = {"data_wait": 0.0, "teacher_forward": 0.0, "student_forward": 0.0, "student_backward": 0.0,
+             "optimizer": 0.0}
+    loss_sum, parts_sum = None, {}
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        b = batch_to_device(batch, engines.device, engines.dtype)
+        times["data_wait"] += time.perf_counter() - t0
+        out = task.training_forward(b, timed=timed)
+        for k in ("teacher_forward", "student_forward"):
+            times[k] += out.timings.get(k, 0.0)
+        t1 = time.perf_counter()
+        eng.backward(out.loss)
+        if timed:
+            synchronize()
+        t2 = time.perf_counter()
+        times["student_backward"] += t2 - t1
+        eng.step()  # DeepSpeed steps the optimizer (and LR schedule) at the accumulation boundary
+        if timed:
+            synchronize()
+        times["optimizer"] += time.perf_counter() - t2
+        loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
+        for k, v in out.parts.items():
+            parts_sum[k] = v.detach() if k not in parts_sum else parts_sum[k] + v.detach()
+    return loss_sum / accum, {k: v / accum for k, v in parts_sum.items()}, times
+
+
+def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSignal | None = None) -> dict:
+    """Build every part, resume if possible, train, checkpoint, evaluate.  Returns a summary."""
+    import torch.distributed as dist
+
+    from . import engine as eng_mod
+    from .checkpoint import Checkpointer
+    from .data.pipeline import build_loader
+    from .data.transforms import check_tokenizers, load_tokenizer
+    from .evaluate import evaluate
+    from .metrics import MetricsLogger, model_flops_per_sample, peak_flops, setup_logging
+    from .models.build import build_student, build_teacher
+    from .task import DistillTask
+
+    run_dir = Path(cfg.train.output_dir)
+    setup_logging(env.rank, str(run_dir))
+    eng_mod.init_distributed(env, cfg.train.collective_timeout_s)
+    control = dist.new_group(backend="gloo") if env.world_size > 1 else None
+    stop = stop or StopSignal()
+
+    seed_all(cfg.train.seed)  # identical initial replicas on every rank
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if len(tok) > cfg.student.arch.vocab_size:
+        raise ConfigError(f"data.tokenizer has {len(tok)} tokens but student.arch.vocab_size="
+                          f"{cfg.student.arch.vocab_size}")
+    student = build_student(cfg)
+    teacher = build_teacher(cfg)
+    if teacher is not None:
+        check_tokenizers(tok, cfg.teacher.path)
+    engines = eng_mod.build_engines(cfg, ds_config, student, teacher)
+    loader = build_loader(cfg, "train", env.rank, env.world_size)
+    ckpt = Checkpointer(run_dir, cfg.train.keep_last)
+    st = TrainState()
+    seed_all(cfg.train.seed * 1000 + env.rank)  # per-rank streams for dropout and negative mining
+    saved = ckpt.resume(engines.student)
+    if saved is not None:
+        s = saved["state"]
+        st.step, st.samples_seen = s["step"], s["samples_seen"]
+        loader.load_state_dict(s["data"])
+        log.info("resuming at step %d (%d samples seen)", st.step, st.samples_seen)
+    if env.is_main:
+        save_resolved(cfg, run_dir, ds_config)
+    accum = cfg.grad_accum_steps(env.world_size)
+    t_shape = getattr(teacher, "shape", None) if teacher is not None else None
+    flops = model_flops_per_sample(cfg, t_shape)
+    metrics = MetricsLogger(str(run_dir), env.rank, env.world_size, cfg.train.global_batch_size, cfg.train.max_steps,
+                            flops["total"], peak_flops())
+    if st.step == 0:
+        metrics.text("config/resolved", cfg.to_yaml())
+        metrics.text("config/deepspeed", json.dumps(ds_config, indent=2))
+    task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=eng_mod.synchronize)
+    task.train()
+    batches = iter(loader)
+    skipped_before = engines.student.skipped_steps
+    exit_code = 0
+    history_path = run_dir / "logs" / "metrics.jsonl"
+    log.info("training %s: %d steps, global batch %d (micro %d x accum %d x world %d), ZeRO-%d, %s, teacher %s",
+             cfg.train.task, cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.micro_batch_size, accum,
+             env.world_size, cfg.train.zero_stage, cfg.train.precision,
+             "none" if teacher is None else ("ZeRO-3 partitioned" if engines.teacher_partitioned else "replicated"))
+    while st.step < cfg.train.max_steps:
+        log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
+        loss, parts, times = train_step(engines, task, batches, accum, timed=log_now)
+        st.step += 1
+        st.samples_seen += cfg.train.global_batch_size
+        # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
+        skipped_now = engines.student.skipped_steps
+        st.bad_steps = st.bad_steps + 1 if skipped_now > skipped_before else 0
+        skipped_before = skipped_now
+        metrics.add_step(parts, loss, times)
+        if log_now:
+            skipped, seen = loader.counters()
+            extra = {"optim/lr": engines.student.get_lr()[0], "optim/loss_scale": eng_mod.loss_scale(engines.student),
+                     "optim/skipped_steps": float(skipped_now), "progress/samples_seen": float(st.samples_seen)}
+            gn = eng_mod.grad_norm(engines.student)
+            if gn is not None:
+                extra["optim/grad_norm"] = gn
+            out = metrics.log(st.step, extra, {"data/skipped": skipped, "data/seen": seen})
+            if env.is_main:
+                with open(history_path, "a") as f:
+                    f.write(json.dumps({"step": st.step, **out}) + "\n")
+        if st.bad_steps >= cfg.train.max_bad_steps:
+            log.error("%d consecutive non-finite steps: stopping (last good checkpoint kept)", st.bad_steps)
+            exit_code = 3
+            break
+        if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards:
+            _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)
+        if agree(stop.received is not None, control):
+            log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
+            ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+            exit_code = REQUEUE_EXIT_CODE
+            break
+        if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps:
+            ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+    summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
+    if exit_code == 0:
+        final = ckpt.dir / f"step_{st.step:08d}"
+        if not final.exists():
+            ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+        if cfg.data.val_shards and cfg.train.task != "itm":
+            summary["eval"] = _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)
+        if env.is_main:
+            from .export import export_from_checkpoint
+            export_from_checkpoint(run_dir, run_dir / "export", engines.student_module)
+        summary["export"] = str(run_dir / "export")
+    metrics.close()
+    if env.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def _own_state(st: TrainState, loader) -> dict:
+    return {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict()}
+
+
+def _evaluate(cfg, engines, metrics, step, evaluate, build_loader) -> dict:
+    from .data.demo import ANSWERS
+    loader = build_loader(cfg, "val", batch_size=max(cfg.train.micro_batch_size, 32))
+    res = evaluate(engines.student_module, loader, cfg.train.task, engines.device, engines.dtype,
+                   max_batches=cfg.train.eval_batches)
+    metrics.scalars({"eval/accuracy": res["accuracy"], **{f"eval/acc_{k}": v for k, v in res["per_type"].items()}},
+                    step)
+    log.info("eval step %d: accuracy %.4f  %s", step, res["accuracy"],
+             "  ".join(f"{k} {v:.3f}" for k, v in res["per_type"].items()))
+    res.pop("predictions", None)
+    del ANSWERS
+    return res
+
+
+def parse_args(argv: list[str] | None, prog: str = "dide-pretrain"):
+    ap = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--config", default="debug", help="YAML file or shipped config name (default: debug)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "dide-pretrain") -> int:
+    args = parse_args(argv, prog)
+    try:
+        env = distributed.detect()
+        cfg = load_config(args.config, args.overrides, world_size=env.world_size)
+        from .engine import build_ds_config
+        ds = build_ds_config(cfg, env.world_size)
+        from .data.pipeline import expand_sources
+        expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)  # missing shards: fail now
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    summary = run(cfg, env, ds)
+    return summary["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
