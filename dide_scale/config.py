@@ -73,6 +73,9 @@ class ArchConfig:
 class StudentConfig:
     """The dual-encoder student."""
 
+    kind: str = "dual"
+    """'dual' (the DiDE dual encoder) or 'fusion' (a fusion model trained by this loop: the
+    demo's teacher, or a small fusion student)."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     init: str = "random"
     """'random'; 'vilt:DIR' (both towers from a transformers ViLT checkpoint, as the paper);
@@ -251,6 +254,10 @@ class RunConfig:
         if world_size is not None:
             self.grad_accum_steps(world_size)
         self.student.arch.check("student.arch")
+        if self.student.kind not in ("dual", "fusion"):
+            raise ConfigError(f"student.kind={self.student.kind!r} must be 'dual' or 'fusion'")
+        if self.student.kind == "fusion" and self.train.task == "itm":
+            raise ConfigError("student.kind=fusion supports the fine-tuning tasks, not train.task=itm")
         if self.teacher.kind not in ("fusion", "hf_vilt"):
             raise ConfigError(f"teacher.kind={self.teacher.kind!r} must be 'fusion' or 'hf_vilt'")
         if self.teacher.kind == "fusion":

@@ -63,11 +63,14 @@ class DistillTask:
 
     @torch.no_grad()
     def teacher_forward(self, b: dict, pairs, capture: bool):
+        """(logits, [CrossQK]) of the teacher on the rows the student scored."""
         if pairs is not None:
             t_idx, i_idx = pairs
-            return self.teacher(b["pixels"][i_idx], b["input_ids"][t_idx], b["attention_mask"][t_idx],
-                                capture=capture)
-        return self.teacher(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=capture)
+            out = self.teacher(b["pixels"][i_idx], b["input_ids"][t_idx], b["attention_mask"][t_idx],
+                               capture=capture)
+        else:
+            out = self.teacher(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=capture)
+        return out if isinstance(out, tuple) else (out.logits, out.qk)
 
     def training_forward(self, b: dict, timed: bool = False) -> StepOutput:
         cfg = self.cfg

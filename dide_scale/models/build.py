@@ -216,8 +216,19 @@ def _student_from_timm_bert(root: Path, student: DualEncoder) -> dict:
 
 # -- from a RunConfig -----------------------------------------------------------------------
 
-def build_student(cfg) -> DualEncoder:
+def build_student(cfg) -> nn.Module:
+    """The trained model: the dual encoder, or a fusion model (student.kind=fusion)."""
     shape = TowerShape.from_arch(cfg.student.arch)
+    if cfg.student.kind == "fusion":
+        model = FusionEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
+        if cfg.student.init.startswith("export:"):
+            src = load_pretrained(cfg.student.init[7:], task=cfg.train.task, num_classes=cfg.num_classes())
+            model.load_state_dict(src.state_dict())
+        elif cfg.student.init != "random":
+            raise ValueError(f"student.init={cfg.student.init!r}: a fusion student takes random or export:DIR")
+        if cfg.student.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
     student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
     init_student(student, cfg.student.init)
     if cfg.student.grad_checkpointing:

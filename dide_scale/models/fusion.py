@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .attention import CrossQK, QKTap, additive_mask, resolve_layer
-from .student import Normalize, TowerShape, bert_embeddings, mlp_head
+from .student import Normalize, StudentOutput, TowerShape, bert_embeddings, mlp_head
 
 
 class FusionEncoder(nn.Module):
@@ -75,14 +75,20 @@ class FusionEncoder(nn.Module):
         qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
         return pooled, qk
 
-    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False):
+    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
+                itc: bool = False) -> StudentOutput:
+        if itc:
+            raise ValueError("a fusion model has no separate embeddings for a contrastive loss")
         pooled, qk = self.joint(pixels, input_ids, attention_mask, 1, capture)
         if self.task == "nlvr2":
             if pixels2 is None:
                 raise ValueError("nlvr2 needs two images")
             pooled2, qk2 = self.joint(pixels2, input_ids, attention_mask, 2, capture)
-            return self.head(torch.cat([pooled, pooled2], -1)), [qk, qk2] if capture else []
-        return self.head(pooled), [qk] if capture else []
+            return StudentOutput(self.head(torch.cat([pooled, pooled2], -1)), [qk, qk2] if capture else [])
+        return StudentOutput(self.head(pooled), [qk] if capture else [])
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.pooler.parameters(), *self.head.parameters()]
 
     def export_config(self) -> dict:
         return {"model_type": "dide_fusion", "task": self.task, "num_classes": self.num_classes,

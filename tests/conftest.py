@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny demo shards and tiny configs, made by the tests themselves."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY_ARCH = "{width: 32, depth: 2, heads: 2, patch_size: 8, image_size: [32, 32], max_text_len: 16, vocab_size: 128}"
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """VQA demo shards: train (4 x 64 samples), val (1 x 48)."""
+    from dide_scale.data.demo import generate_split
+    root = tmp_path_factory.mktemp("demo")
+    generate_split(root / "train", 256, 0, "vqa", samples_per_shard=64)
+    generate_split(root / "val", 48, 1, "vqa", samples_per_shard=64)
+    return root
+
+
+def tiny_overrides(shards, out_dir, **extra) -> list[str]:
+    """key=value overrides for a tiny VQA run on ``demo_shards``."""
+    ov = {
+        "student.arch": TINY_ARCH, "teacher.arch": TINY_ARCH,
+        "data.train_shards": f"{shards}/train/{{00000..00003}}.tar", "data.val_shards": f"{shards}/val/00000.tar",
+        "data.tokenizer": "builtin:demo", "data.num_answers": 16, "data.num_workers": 0,
+        "train.task": "vqa", "train.output_dir": str(out_dir), "train.max_steps": 4,
+        "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.log_every": 1,
+        "loss.attn_t2i": 0.0, "loss.attn_i2t": 0.0, "loss.soft_label": 0.0, "loss.ground_truth": 1.0,
+    }
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]

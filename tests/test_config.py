@@ -1,0 +1,80 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from dide_scale.config import ConfigError, load_config, shipped_configs
+from dide_scale.engine import build_ds_config, validate_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads_and_validates(name):
+    cfg = load_config(name)
+    assert cfg.train.task in ("itm", "vqa", "nlvr2", "snli_ve")
+    build_ds_config(cfg, 1)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_ds_config_is_valid(path):
+    ds = json.loads(path.read_text())
+    validate_ds_config(ds, path.name)
+    stage = ds["zero_optimization"]["stage"]
+    cfg = load_config("debug", [f"train.ds_config={path}", f"train.zero_stage={stage}",
+                                f"train.offload={'true' if 'offload_param' in ds['zero_optimization'] else 'false'}"])
+    out = build_ds_config(cfg, 1)
+    assert out["zero_optimization"]["stage"] == stage
+    assert out["gradient_clipping"] == cfg.train.grad_clip
+
+
+def test_layers_defaults_yaml_overrides():
+    cfg = load_config("debug", ["train.max_steps=7", "optim.betas=[0.8, 0.9]", "student.arch.width=64",
+                                "student.arch.heads=4", "teacher.arch.heads=4", "teacher.arch.width=64"])
+    assert cfg.train.max_steps == 7 and cfg.optim.betas == [0.8, 0.9]
+    assert cfg.student.arch.depth == 2  # from debug.yaml
+    assert cfg.optim.weight_decay == 0.01  # from the dataclass default
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_stepz=3", "train.max_stepz"),
+    ("student.arch.widht=3", "student.arch.widht"),
+    ("train.max_steps=ten", "train.max_steps"),
+    ("train.zero_stage=1.5", "train.zero_stage"),
+    ("data.resampled=yes please", "data.resampled"),
+    ("train.global_batch_size=10", "train.global_batch_size"),
+    ("train.offload=true", "train.offload"),
+    ("student.arch.heads=5", "student.arch.width"),
+    ("student.arch.image_size=[30, 32]", "student.arch.image_size"),
+    ("loss.attn_t2i=1.0", "teacher.path"),
+    ("train.precision=fp8", "train.precision"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        load_config("debug", [override])
+
+
+def test_batch_arithmetic_checked_against_world_size():
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load_config("debug", ["train.global_batch_size=16", "train.micro_batch_size=8"], world_size=3)
+    assert load_config("debug", [], world_size=2).grad_accum_steps(2) == 1
+
+
+def test_ds_config_conflicts_fail(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        build_ds_config(load_config("debug", [f"train.ds_config={p}"]), 1)
+    p.write_text(json.dumps({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="offload_param"):
+        build_ds_config(load_config("debug", [f"train.ds_config={p}"]), 1)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from dide_scale.config import config_from_dict, save_resolved
+    import yaml
+    cfg = load_config("debug", ["train.max_steps=3"])
+    save_resolved(cfg, tmp_path, {"a": 1})
+    back = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert back == cfg
+    assert json.loads((tmp_path / "ds_config.json").read_text()) == {"a": 1}
