@@ -203,11 +203,13 @@ class WdsBatches(IterableDataset):
                 batch["_state"] = {"stream": stream.state(), "skipped": dict(skipped),
                                    "per_source": dict(per_source)}
                 yield batch
-        if buf and not self.drop_last:  # evaluation keeps the tail; training drops it so ranks agree
-            batch = self.collate(buf)
-            batch["_worker"] = logical
-            batch["_state"] = {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source)}
-            yield batch
+        # the stream ended (epoch mode): the tail batch (evaluation only; training drops it so
+        # ranks agree on step counts), then a sample-less marker carrying the final counters
+        skipped.update(stream.skipped)
+        final = {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source)}
+        if buf and not self.drop_last:
+            yield {**self.collate(buf), "_worker": logical, "_state": final}
+        yield {"_worker": logical, "_state": final, "_end": True}
 
 
 class ResumableLoader:
@@ -231,6 +233,8 @@ class ResumableLoader:
         for batch in loader:
             w = batch.pop("_worker")
             self.workers_state[w] = batch.pop("_state")
+            if batch.pop("_end", False):
+                continue
             self.next_worker = (w + 1) % max(1, nw)
             self.batches += 1
             yield batch

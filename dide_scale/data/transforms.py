@@ -57,6 +57,8 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> torch.T
     most of the speed over a decode-then-resize pipeline comes from.
     """
     h, w = size
+    if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        raise SkipSample("truncated_image")  # no end-of-image marker: libjpeg would pad silently
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
@@ -74,7 +76,7 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> torch.T
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def decode_text(data: bytes | None, reason: str = "missing_caption") -> str:
+def decode_text(data: bytes | str | None, reason: str = "missing_caption") -> str:
     if data is None:
         raise SkipSample(reason)
     try:
@@ -105,14 +107,18 @@ class SampleDecoder:
         meta = {}
         if "json" in raw:
             try:
-                meta = json.loads(raw["json"])
-            except (ValueError, UnicodeDecodeError):
+                text = raw["json"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise SkipSample("non_utf8_caption") from None
+            try:
+                meta = json.loads(text)
+            except ValueError:
                 raise SkipSample("bad_json") from None
         out = {"key": raw.get("__key__", ""), "qtype": meta.get("qtype", "")}
         if self.task == "itm":
             out["text"] = decode_text(raw.get("txt"))
         elif self.task == "vqa":
-            out["text"] = decode_text(meta.get("question", "").encode(), "missing_question")
+            out["text"] = decode_text(meta.get("question"), "missing_question")
             target = torch.zeros(len(self.answers))
             for ans, score in (meta.get("answers") or {}).items():
                 if ans in self.answers:
@@ -120,13 +126,13 @@ class SampleDecoder:
             out["label"] = target
             out["question_id"] = meta.get("question_id", out["key"])
         elif self.task == "nlvr2":
-            out["text"] = decode_text(meta.get("sentence", "").encode(), "missing_sentence")
+            out["text"] = decode_text(meta.get("sentence"), "missing_sentence")
             if "image2.jpg" not in raw:
                 raise SkipSample("missing_image")
             out["pixels2"] = decode_image(raw["image2.jpg"], self.size, self.max_pixels)
             out["label"] = int(bool(meta.get("label")))
         elif self.task == "snli_ve":
-            out["text"] = decode_text(meta.get("hypothesis", "").encode(), "missing_hypothesis")
+            out["text"] = decode_text(meta.get("hypothesis"), "missing_hypothesis")
             if meta.get("label") not in SNLI_LABELS:
                 raise SkipSample("bad_label")
             out["label"] = SNLI_LABELS[meta["label"]]

@@ -1,0 +1,152 @@
+"""The demo generator, the shard layout, exact resume and bad-sample accounting."""
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from dide_scale.data.demo import ANSWERS, generate_split
+from dide_scale.data.pipeline import ResumableLoader, WdsBatches, expand_sources, iter_raw_samples
+from dide_scale.data.shards import ShardWriter, read_sizes, shard_pattern
+from dide_scale.data.transforms import Collate, SampleDecoder
+
+
+def make_loader(pattern, workers=0, bs=4, task="vqa", resampled=True, seed=0, rank=0, world=1):
+    dec = SampleDecoder(task, (32, 32), 40_000_000, list(ANSWERS) if task == "vqa" else None)
+    ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16), bs, seed, rank, world,
+                    resampled=resampled, open_shards=2, num_workers=workers)
+    return ResumableLoader(ds)
+
+
+def take(loader, n):
+    out = []
+    for b in loader:
+        out.append(b["keys"])
+        if len(out) == n:
+            break
+    return out
+
+
+def test_demo_is_reproducible_and_in_img2dataset_layout(tmp_path):
+    a = generate_split(tmp_path / "a", 30, 5, samples_per_shard=16)
+    b = generate_split(tmp_path / "b", 30, 5, samples_per_shard=16)
+    assert read_sizes(a) == {"00000.tar": 16, "00001.tar": 14}
+    ra, rb = list(iter_raw_samples(str(a / "00001.tar"))), list(iter_raw_samples(str(b / "00001.tar")))
+    assert [r["jpg"] for r in ra] == [r["jpg"] for r in rb]
+    meta = json.loads(ra[0]["json"])
+    assert {"question", "answers", "qtype", "caption"} <= set(meta)
+    assert ra[0]["txt"].decode() == meta["caption"]
+    assert shard_pattern(a).endswith("{00000..00001}.tar")
+
+
+@pytest.mark.parametrize("task", ["nlvr2", "snli_ve"])
+def test_demo_task_shards_decode(tmp_path, task):
+    d = generate_split(tmp_path / task, 12, 0, task, samples_per_shard=12)
+    batch = next(iter(make_loader(f"{d}/00000.tar", task=task)))
+    assert batch["pixels"].shape == (4, 3, 32, 32) and batch["labels"].dtype == torch.long
+    if task == "nlvr2":
+        assert batch["pixels2"].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_exactly_the_uninterrupted_stream(demo_shards, workers):
+    pattern = f"{demo_shards}/train/{{00000..00003}}.tar"
+    full = take(make_loader(pattern, workers), 14)
+    first = make_loader(pattern, workers)
+    head = take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    resumed = make_loader(pattern, workers)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 9)
+    assert head + tail == full
+
+
+def test_ranks_and_workers_see_different_streams(demo_shards):
+    pattern = f"{demo_shards}/train/{{00000..00003}}.tar"
+    r0 = take(make_loader(pattern, rank=0, world=2), 3)
+    r1 = take(make_loader(pattern, rank=1, world=2), 3)
+    assert r0 != r1
+    assert take(make_loader(pattern, seed=1), 3) != r0
+
+
+def test_epoch_mode_reads_every_sample_once(demo_shards):
+    loader = make_loader(f"{demo_shards}/train/{{00000..00003}}.tar", workers=2, resampled=False)
+    keys = [k for b in loader for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == 256
+
+
+def test_weighted_sources_mix(demo_shards, tmp_path):
+    other = generate_split(tmp_path / "other", 64, 9, samples_per_shard=64)
+    dec = SampleDecoder("vqa", (32, 32), 40_000_000, list(ANSWERS))
+    sources = expand_sources(f"{demo_shards}/train/{{00000..00003}}.tar::{other}/00000.tar", [1.0, 3.0])
+    loader = ResumableLoader(WdsBatches(sources, dec, Collate("builtin:demo", 16), 8, 0, open_shards=1))
+    take(loader, 200)  # ~25 shard picks
+    _, seen = loader.counters()
+    assert seen["other"] > seen["train"] > 0
+
+
+def test_missing_shards_fail_with_the_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        expand_sources(f"{tmp_path}/{{000..003}}.tar")
+
+
+def _jpeg(w, h, color=(200, 10, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def salted_shards(d):
+    """Two shards with every kind of bad sample, and a truncated third shard."""
+    good = _jpeg(32, 32)
+    q = json.dumps({"question": "is there a red square ?", "answers": {"yes": 1.0}, "qtype": "exist"}).encode()
+    bad = {
+        "corrupt_image": {"jpg": b"\x89PNG\r\n not really an image", "json": q},
+        "truncated_jpeg": {"jpg": good[: len(good) // 2], "json": q},
+        "missing_question": {"jpg": good, "json": json.dumps({"answers": {}}).encode()},
+        "empty_caption": {"jpg": good, "json": json.dumps({"question": "   "}).encode()},
+        "non_utf8_caption": {"jpg": good, "json": b'{"question": "\xff\xfe"}'},
+        "oversized_image": {"jpg": _jpeg(3000, 3000), "json": q},
+        "missing_image": {"json": q},
+    }
+    n_good = 0
+    with ShardWriter(d, samples_per_shard=20) as w:
+        for rep in range(2):
+            for i in range(12):
+                w.write({"__key__": f"g{rep}_{i}", "jpg": good, "json": q})
+                n_good += 1
+            for name, members in bad.items():
+                w.write({"__key__": f"b{rep}_{name}", **members})
+    # a truncated tar: a real shard cut in the middle of a member
+    full = d / "00000.tar"
+    (d / "00099.tar").write_bytes(full.read_bytes()[: 7000])
+    return n_good, bad
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    n_good, bad = salted_shards(tmp_path)
+    dec = SampleDecoder("vqa", (32, 32), 1_000_000, list(ANSWERS))
+    pattern = f"{tmp_path}/{{00000..00001}}.tar::{tmp_path}/00099.tar"
+    ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16), 1, 0, resampled=False,
+                    open_shards=2, num_workers=0, drop_last=False)
+    loader = ResumableLoader(ds)
+    got = [b for b in loader]
+    skipped, seen = loader.counters()
+    # the truncated tar yields the samples before the cut, then is counted and dropped
+    assert skipped.pop("unreadable_shard") == 1
+    truncated_good = sum(seen.values()) - n_good
+    assert truncated_good >= 0 and len(got) == sum(seen.values())
+    reasons = {"corrupt_image": 2, "truncated_image": 2, "missing_question": 2, "empty_caption": 2,
+               "non_utf8_caption": 2, "oversized_image": 2, "missing_image": 2}
+    for reason, n in reasons.items():
+        assert skipped.get(reason, 0) >= n, (reason, skipped)
+    assert sum(skipped.values()) >= sum(reasons.values())
+
+
+def test_tar_members_survive_writer(tmp_path):
+    with ShardWriter(tmp_path, 10) as w:
+        w.write({"__key__": "k1", "jpg": _jpeg(8, 8), "txt": "hello", "image2.jpg": _jpeg(8, 8)})
+    with tarfile.open(tmp_path / "00000.tar") as t:
+        assert sorted(t.getnames()) == ["k1.image2.jpg", "k1.jpg", "k1.txt"]
