@@ -150,3 +150,16 @@ def test_tar_members_survive_writer(tmp_path):
         w.write({"__key__": "k1", "jpg": _jpeg(8, 8), "txt": "hello", "image2.jpg": _jpeg(8, 8)})
     with tarfile.open(tmp_path / "00000.tar") as t:
         assert sorted(t.getnames()) == ["k1.image2.jpg", "k1.jpg", "k1.txt"]
+
+
+def test_demo_tokenizer_knows_every_demo_word(tmp_path):
+    """A word-piece vocabulary that silently failed to load maps everything to [UNK]."""
+    from dide_scale.data.transforms import load_tokenizer
+    tok = load_tokenizer("builtin:demo")
+    d = generate_split(tmp_path / "v", 50, 3, samples_per_shard=50)
+    texts = []
+    for raw in iter_raw_samples(str(d / "00000.tar")):
+        meta = json.loads(raw["json"])
+        texts += [meta["question"], meta["caption"]]
+    ids = tok(texts)["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids)

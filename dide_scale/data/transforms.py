@@ -41,7 +41,7 @@ def load_tokenizer(name: str):
     if name == "builtin:demo":
         from .demo import write_vocab
         d = write_vocab(tempfile.mkdtemp(prefix="dide_demo_vocab_"))
-        return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+        return BertTokenizerFast.from_pretrained(str(d))  # works for transformers 4 and 5
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as e:
