@@ -30,6 +30,9 @@ class FusionEncoder(nn.Module):
         self.normalize = Normalize()
         self.text_embeddings = bert_embeddings(shape)
         self.token_type = nn.Embedding(3, h)  # 0 text, 1 image, 2 second image (NLVR2)
+        # std 0.02 as ViLT/BERT: at nn.Embedding's std 1 the modality vector swamps the
+        # patch content in every image token and training stalls on a long plateau
+        nn.init.trunc_normal_(self.token_type.weight, std=0.02)
         self.vit = VisionTransformer(
             img_size=tuple(shape.image_size), patch_size=shape.patch_size, embed_dim=h, depth=shape.depth,
             num_heads=shape.heads, mlp_ratio=shape.mlp_ratio, num_classes=0, dynamic_img_size=True)

@@ -57,10 +57,14 @@ class Normalize(nn.Module):
 
 
 def bert_embeddings(shape: TowerShape) -> BertEmbeddings:
-    """BERT word + position + token-type embeddings (transformers' own module)."""
-    return BertEmbeddings(BertConfig(
+    """BERT word + position + token-type embeddings (transformers' own module), initialised
+    as BERT does (normal, std 0.02: a bare nn.Embedding would start at std 1)."""
+    emb = BertEmbeddings(BertConfig(
         vocab_size=shape.vocab_size, hidden_size=shape.width, max_position_embeddings=shape.max_text_len,
         type_vocab_size=2, hidden_dropout_prob=0.0, layer_norm_eps=1e-12))
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        nn.init.normal_(table.weight, std=0.02)
+    return emb
 
 
 def mlp_head(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:

@@ -1,0 +1,100 @@
+"""Inference with the dual encoder: encode images once, cache them, fuse with any text.
+
+The student's fusion only reads the two [CLS] states, so an image's cached embedding is a
+single vector: answering a new question about a cached image costs one text-tower pass
+plus a small MLP, and scoring N images x M texts costs N + M tower passes plus N x M MLP
+evaluations (never N x M transformer passes, as a fusion model needs).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+class DualEncoderInference:
+    """Batch API over an (exported or in-training) DualEncoder."""
+
+    def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model.eval().to(device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+
+    def _pix(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device)
+        return pixels.to(self.dtype).div(255.0) if pixels.dtype == torch.uint8 else pixels.to(self.dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0,1] float images [N,3,H,W] -> cached embeddings [N, width]."""
+        return self.model.encode_image(self._pix(pixels))[:, 0]
+
+    @torch.inference_mode()
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device))[:, 0]
+
+    @torch.inference_mode()
+    def predict(self, text_emb: torch.Tensor, image_emb: torch.Tensor, image_emb2: torch.Tensor | None = None):
+        """Task logits for aligned rows (text i with image i)."""
+        return self.model.classify(text_emb, image_emb, image_emb2)
+
+    @torch.inference_mode()
+    def pair_scores(self, text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """[M, N] match scores of every text with every image from cached embeddings
+        (ITM head: logit of 'match' minus 'no match'; other heads: max logit)."""
+        m, n = text_emb.shape[0], image_emb.shape[0]
+        out = torch.empty(m, n, device=text_emb.device, dtype=torch.float32)
+        ti = torch.arange(m, device=text_emb.device).repeat_interleave(n)
+        ii = torch.arange(n, device=text_emb.device).repeat(m)
+        for s in range(0, m * n, chunk):
+            t, i = ti[s:s + chunk], ii[s:s + chunk]
+            logits = self.model.head(self.model.fuse(text_emb[t], image_emb[i])).float()
+            score = logits[:, 1] - logits[:, 0] if logits.shape[-1] == 2 else logits.max(-1).values
+            out.view(-1)[s:s + chunk] = score
+        return out
+
+
+def throughput(fn: Callable[[], object], n_items: int, warmup: int = 2, repeats: int = 5,
+               sync: Callable[[], None] = lambda: None) -> float:
+    """Items per second of ``fn`` (median of ``repeats`` timed calls after ``warmup``)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return n_items / times[len(times) // 2]
+
+
+def compare_vqa_throughput(student, teacher, pixels: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, questions_per_image: int = 1, device="cpu",
+                           dtype=torch.float32, repeats: int = 5, sync=lambda: None) -> dict[str, float]:
+    """Questions/s of the teacher, the uncached student and the student with cached image
+    embeddings, measured side by side on the same batch (ratios are what to compare)."""
+    inf = DualEncoderInference(student, device, dtype)
+    teacher = teacher.eval().to(device=device, dtype=dtype)
+    pix = pixels.to(device).to(dtype).div(255.0) if pixels.dtype == torch.uint8 else pixels.to(device, dtype)
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    n = ids.shape[0]
+    img_idx = torch.arange(n, device=device) // questions_per_image  # several questions per image
+    cache = inf.encode_images(pix[: (n + questions_per_image - 1) // questions_per_image])
+
+    @torch.inference_mode()
+    def run_teacher():
+        return teacher(pix[img_idx % pix.shape[0]], ids, mask)
+
+    def run_uncached():
+        return inf.predict(inf.encode_texts(ids, mask), inf.encode_images(pix[img_idx % pix.shape[0]]))
+
+    def run_cached():
+        return inf.predict(inf.encode_texts(ids, mask), cache[img_idx % cache.shape[0]])
+
+    res = {name: throughput(fn, n, repeats=repeats, sync=sync) for name, fn in
+           (("teacher", run_teacher), ("student_uncached", run_uncached), ("student_cached", run_cached))}
+    res["speedup_uncached"] = res["student_uncached"] / res["teacher"]
+    res["speedup_cached"] = res["student_cached"] / res["teacher"]
+    return res
