@@ -222,3 +222,12 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict
     """Full fp32 student weights from a sharded checkpoint (any ZeRO stage, any world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A full copy of a (possibly ZeRO-3 partitioned) module's parameters, on every rank."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
