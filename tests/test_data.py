@@ -163,3 +163,21 @@ def test_demo_tokenizer_knows_every_demo_word(tmp_path):
         texts += [meta["question"], meta["caption"]]
     ids = tok(texts)["input_ids"]
     assert all(tok.unk_token_id not in row for row in ids)
+
+
+def test_epoch_mode_training_repeats_with_a_new_order_and_resumes(demo_shards):
+    pattern = f"{demo_shards}/train/{{00000..00003}}.tar"
+
+    def loader():
+        dec = SampleDecoder("vqa", (32, 32), 40_000_000, list(ANSWERS))
+        ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16), 32, 0, resampled=False,
+                        open_shards=2, num_workers=0)
+        return ResumableLoader(ds, repeat=True)
+    full = take(loader(), 20)  # 8 batches per epoch
+    ep0, ep1 = sorted(k for b in full[:8] for k in b), sorted(k for b in full[8:16] for k in b)
+    assert ep0 == ep1 and full[:8] != full[8:16]  # every sample once per epoch, new order
+    first = loader()
+    head = take(first, 11)
+    resumed = loader()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + take(resumed, 9) == full

@@ -216,28 +216,38 @@ class ResumableLoader:
     """DataLoader wrapper that records the position of every batch handed out and can
     restart from it; ``state_dict`` goes into the checkpoint."""
 
-    def __init__(self, dataset: WdsBatches, pin_memory: bool = False):
+    def __init__(self, dataset: WdsBatches, pin_memory: bool = False, repeat: bool = False):
         self.ds = dataset
         self.pin = pin_memory
+        self.repeat = repeat
+        self.epoch = dataset.epoch
         self.workers_state: dict[int, dict] = {}
         self.next_worker = 0
         self.batches = 0
 
     def __iter__(self):
-        self.ds.rotation = self.next_worker
-        self.ds.resume = dict(self.workers_state)
+        """Batches from the saved position on.  In epoch mode with ``repeat`` (training),
+        the next epoch (a new seeded shard order) follows when one ends."""
         nw = self.ds.num_workers
-        loader = DataLoader(self.ds, batch_size=None, num_workers=nw, pin_memory=self.pin,
-                            persistent_workers=False, prefetch_factor=4 if nw else None,
-                            multiprocessing_context="fork" if nw else None)
-        for batch in loader:
-            w = batch.pop("_worker")
-            self.workers_state[w] = batch.pop("_state")
-            if batch.pop("_end", False):
-                continue
-            self.next_worker = (w + 1) % max(1, nw)
-            self.batches += 1
-            yield batch
+        while True:
+            self.ds.rotation = self.next_worker
+            self.ds.resume = dict(self.workers_state)
+            self.ds.epoch = self.epoch
+            loader = DataLoader(self.ds, batch_size=None, num_workers=nw, pin_memory=self.pin,
+                                persistent_workers=False, prefetch_factor=4 if nw else None,
+                                multiprocessing_context="fork" if nw else None)
+            for batch in loader:
+                w = batch.pop("_worker")
+                self.workers_state[w] = batch.pop("_state")
+                if batch.pop("_end", False):
+                    continue
+                self.next_worker = (w + 1) % max(1, nw)
+                self.batches += 1
+                yield batch
+            if not self.repeat or self.ds.resampled:
+                return
+            self.epoch += 1
+            self.workers_state, self.next_worker = {}, 0
 
     def counters(self) -> tuple[dict[str, int], dict[str, int]]:
         """(skipped samples by reason, samples seen per source), summed over streams."""
@@ -249,14 +259,14 @@ class ResumableLoader:
 
     def state_dict(self) -> dict:
         return {"workers": {str(k): v for k, v in self.workers_state.items()}, "next_worker": self.next_worker,
-                "batches": self.batches, "num_workers": self.ds.num_workers}
+                "batches": self.batches, "num_workers": self.ds.num_workers, "epoch": self.epoch}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("num_workers") != self.ds.num_workers:
             raise ValueError(f"the data position was saved with data.num_workers={sd.get('num_workers')}; "
                              f"resume with the same value (now {self.ds.num_workers}) to continue exactly")
         self.workers_state = {int(k): v for k, v in sd["workers"].items()}
-        self.next_worker, self.batches = sd["next_worker"], sd["batches"]
+        self.next_worker, self.batches, self.epoch = sd["next_worker"], sd["batches"], sd.get("epoch", 0)
 
 
 def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch_size: int | None = None,
@@ -281,6 +291,7 @@ def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch
         sources = expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
         ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, rank, world, cfg.data.resampled,
                         cfg.data.open_shards, cfg.data.num_workers)
+        return ResumableLoader(ds, pin_memory=torch.cuda.is_available(), repeat=True)
     else:
         sources = expand_sources(cfg.data.val_shards)
         ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, 0, 1, False, 1,
