@@ -209,6 +209,8 @@ class TrainConfig:
     """Steps between attention-map images in TensorBoard (0: never)."""
     eval_batches: int = 0
     """Cap on evaluation batches (0: the whole split)."""
+    peak_tflops: float = 0.0
+    """Per-device peak FLOP/s (in TFLOP/s) for MFU; 0 looks the GPU model up (none on CPU)."""
 
 
 @dataclass
@@ -340,6 +342,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):

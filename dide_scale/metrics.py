@@ -151,7 +151,9 @@ class MetricsLogger:
             out["memory/device_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out.update(extra)
         for group, counts in counters.items():
-            for k, v in _reduce_sum_counts(counts, device).items():
+            reduced = _reduce_sum_counts(counts, device)
+            out[f"{group}_total"] = float(sum(reduced.values()))
+            for k, v in reduced.items():
                 out[f"{group}/{k}"] = v
         if self.writer is not None:
             for k, v in out.items():

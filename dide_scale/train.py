@@ -8,6 +8,7 @@ same command on the same ``train.output_dir`` resumes from the newest intact che
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -145,7 +146,9 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     t_shape = getattr(teacher, "shape", None) if teacher is not None else None
     flops = model_flops_per_sample(cfg, t_shape)
     metrics = MetricsLogger(str(run_dir), env.rank, env.world_size, cfg.train.global_batch_size, cfg.train.max_steps,
-                            flops["total"], peak_flops())
+                            flops["total"], peak_flops(cfg.train.peak_tflops))
+    probe = _probe_batch(cfg, engines) if cfg.train.probe_every and cfg.loss.attn_t2i + cfg.loss.attn_i2t > 0 \
+        and teacher is not None else None
     if st.step == 0:
         metrics.text("config/resolved", cfg.to_yaml())
         metrics.text("config/deepspeed", json.dumps(ds_config, indent=2))
@@ -180,6 +183,8 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             if env.is_main:
                 with open(history_path, "a") as f:
                     f.write(json.dumps({"step": st.step, **out}) + "\n")
+        if probe is not None and (st.step % cfg.train.probe_every == 0 or st.step == 1):
+            log_attention_probe(task, engines, probe, metrics, st.step, cfg)
         if st.bad_steps >= cfg.train.max_bad_steps:
             log.error("%d consecutive non-finite steps: stopping (last good checkpoint kept)", st.bad_steps)
             exit_code = 3
@@ -204,12 +209,57 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             from .export import export_from_checkpoint
             export_from_checkpoint(run_dir, run_dir / "export", engines.student_module)
         summary["export"] = str(run_dir / "export")
+    if "eval" in summary:
+        metrics.hparams({"task": cfg.train.task, "lr": cfg.optim.lr, "global_batch": cfg.train.global_batch_size,
+                         "attn_t2i": cfg.loss.attn_t2i, "attn_i2t": cfg.loss.attn_i2t,
+                         "soft_label": cfg.loss.soft_label, "ground_truth": cfg.loss.ground_truth,
+                         "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision},
+                        {"hparam/accuracy": summary["eval"]["accuracy"]})
     metrics.close()
     if env.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _probe_batch(cfg, engines) -> dict:
+    """A fixed batch (the first of the validation split, else of the first training shard)."""
+    from .data.pipeline import build_loader
+    from .task import batch_to_device
+    spec = cfg.data.val_shards or cfg.data.train_shards.split("::")[0]
+    probe_cfg = copy.deepcopy(cfg)
+    probe_cfg.data.val_shards = spec
+    batch = next(iter(build_loader(probe_cfg, "val", batch_size=2)))
+    return batch_to_device(batch, engines.device, engines.dtype)
+
+
+@torch.no_grad()
+def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None:
+    """Teacher vs student t2i / i2t attention of probe sample 0 as TensorBoard images.
+
+    Every rank runs the forwards (ZeRO-3 gathers parameters collectively); rank 0 draws."""
+    from .metrics import attention_figure
+    from .models.attention import t2i_i2t
+    module = engines.student_module
+    was = module.training
+    module.eval()
+    s = module(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=True)
+    module.train(was)
+    _, t_qk = task.teacher_forward(b, s.pairs, capture=True)
+    if metrics.writer is None:
+        return
+    n_txt = int(b["attention_mask"][0].sum())
+    (t_t2i, t_i2t), (s_t2i, s_i2t) = t2i_i2t(t_qk[0]), t2i_i2t(s.qk[0])
+
+    def heads_mean(lp):  # sample 0, probability averaged over heads
+        return lp[0].exp().mean(0).float().cpu()
+    a = cfg.student.arch
+    grid = (a.image_size[0] // a.patch_size, a.image_size[1] // a.patch_size)
+    img = attention_figure(heads_mean(t_t2i)[:n_txt].mean(0), heads_mean(s_t2i)[:n_txt].mean(0),
+                           heads_mean(t_i2t)[:, :n_txt], heads_mean(s_i2t)[:, :n_txt], grid,
+                           b["pixels"][0].float().cpu())
+    metrics.image("attention/teacher_vs_student", img, step)
 
 
 def _own_state(st: TrainState, loader) -> dict:

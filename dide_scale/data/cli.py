@@ -2,6 +2,18 @@
 
     dide-data demo --out DIR [--train N --val N --tasks vqa,nlvr2,snli_ve]
     dide-data inspect SHARD.tar ...
+
+Converters (official files -> shards + sizes.json; resumable: re-run the same command
+after an interruption; see dide_scale/data/convert.py for the choices made):
+
+    dide-data coco --annotations captions_train2014.json captions_val2014.json --images COCO_DIR \\
+        --karpathy dataset_coco.json --out DIR
+    dide-data vg --regions region_descriptions.json --image-data image_data.json --images VG_DIR --out DIR
+    dide-data img2dataset CC3M_DIR                      # validate, write CC3M_DIR/sizes.json
+    dide-data img2dataset CC3M_DIR --samples-per-shard N --out DIR   # re-shard
+    dide-data vqa --questions Q.json --annotations A.json --images COCO_DIR --out DIR [--answers answers.json]
+    dide-data nlvr2 --data train.json --images NLVR2_IMAGES --out DIR
+    dide-data snli_ve --data snli_ve_train.jsonl --images flickr30k_images --out DIR
 """
 from __future__ import annotations
 
@@ -38,6 +50,71 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _run_converter(fn, **kwargs) -> int:
+    from .convert import InputError
+    try:
+        stats = fn(**kwargs)
+    except InputError as e:
+        print(f"dide-data: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+def cmd_coco(args) -> int:
+    from .convert import convert_coco
+    return _run_converter(convert_coco, ann_json=args.annotations, image_dir=args.images, out_dir=args.out,
+                          karpathy_json=args.karpathy, splits=tuple(args.splits.split(",")),
+                          samples_per_shard=args.samples_per_shard, seed=args.seed, progress=not args.no_progress)
+
+
+def cmd_vg(args) -> int:
+    from .convert import convert_vg
+    return _run_converter(convert_vg, region_json=args.regions, image_dir=args.images, out_dir=args.out,
+                          image_data_json=args.image_data, karpathy_json=args.karpathy,
+                          max_regions_per_image=args.max_regions_per_image, samples_per_shard=args.samples_per_shard,
+                          seed=args.seed, progress=not args.no_progress)
+
+
+def cmd_img2dataset(args) -> int:
+    from .convert import convert_img2dataset
+    if (args.samples_per_shard is None) != (args.out is None):
+        print("dide-data: error: re-sharding needs both --samples-per-shard and --out (neither: validate in place)",
+              file=sys.stderr)
+        return 2
+    return _run_converter(convert_img2dataset, in_dir=args.input, out_dir=args.out,
+                          samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+
+
+def cmd_vqa(args) -> int:
+    from .convert import convert_vqa
+    return _run_converter(convert_vqa, questions_json=args.questions, image_dir=args.images, out_dir=args.out,
+                          annotations_json=args.annotations, answer_vocab=args.answers, num_answers=args.num_answers,
+                          samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+
+
+def cmd_nlvr2(args) -> int:
+    from .convert import convert_nlvr2
+    return _run_converter(convert_nlvr2, data_jsonl=args.data, image_dir=args.images, out_dir=args.out,
+                          samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+
+
+def cmd_snli_ve(args) -> int:
+    from .convert import convert_snli_ve
+    return _run_converter(convert_snli_ve, data_jsonl=args.data, image_dir=args.images, out_dir=args.out,
+                          samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+
+
+def _converter(sub, name: str, help: str, fn, out_required: bool = True, per_shard_default: int | None = 1000):
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--out", required=out_required, help="output directory for the shards (re-run to resume)")
+    p.add_argument("--samples-per-shard", type=int, default=per_shard_default, metavar="N",
+                   help="samples per .tar shard" + (f" (default {per_shard_default})" if per_shard_default else ""))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dide-data", description="dataset preparation")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -53,6 +130,37 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="count samples and members of shards")
     i.add_argument("shards", nargs="+")
     i.set_defaults(fn=cmd_inspect)
+
+    c = _converter(sub, "coco", "COCO captions -> one sample per (image, caption) pair", cmd_coco)
+    c.add_argument("--annotations", nargs="+", required=True, metavar="JSON",
+                   help="official caption files (captions_train2014.json, captions_val2014.json)")
+    c.add_argument("--images", required=True, help="image folder, searched recursively by file name")
+    c.add_argument("--karpathy", help="Karpathy split file dataset_coco.json: keeps only --splits images")
+    c.add_argument("--splits", default="train,restval", help="Karpathy splits to keep (default train,restval)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the pair shuffle")
+    v = _converter(sub, "vg", "Visual Genome region descriptions -> one sample per (image, region phrase)", cmd_vg)
+    v.add_argument("--regions", required=True, help="region_descriptions.json")
+    v.add_argument("--image-data", help="image_data.json (sizes, coco ids)")
+    v.add_argument("--images", required=True, help="folder with {image_id}.jpg, searched recursively")
+    v.add_argument("--karpathy", help="dataset_coco.json: drop VG images that are COCO Karpathy val/test images")
+    v.add_argument("--max-regions-per-image", type=int, help="keep at most K regions per image (seeded)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the pair shuffle")
+    g = _converter(sub, "img2dataset", "validate img2dataset output (CC3M, SBU) and write sizes.json; "
+                   "re-shard with --samples-per-shard and --out", cmd_img2dataset, out_required=False,
+                   per_shard_default=None)
+    g.add_argument("input", help="img2dataset output folder (NNNNN.tar shards)")
+    q = _converter(sub, "vqa", "VQAv2 questions (+ annotations) -> one sample per question", cmd_vqa)
+    q.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_{split}_questions.json")
+    q.add_argument("--annotations", help="v2_mscoco_{split}_annotations.json (omit for test)")
+    q.add_argument("--images", required=True, help="COCO image folder (COCO_{split}2014_{id:012d}.jpg)")
+    q.add_argument("--answers", help="answers.json to use (train's, for val); default: build from --annotations")
+    q.add_argument("--num-answers", type=int, default=3129, help="vocabulary size when building it (default 3129)")
+    n = _converter(sub, "nlvr2", "NLVR2 JSON lines + image pairs -> one sample per example", cmd_nlvr2)
+    n.add_argument("--data", required=True, help="train.json / dev.json / test1.json (JSON lines)")
+    n.add_argument("--images", required=True, help="image folder, searched recursively by file name")
+    e = _converter(sub, "snli_ve", "SNLI-VE JSON lines over Flickr30K -> one sample per hypothesis", cmd_snli_ve)
+    e.add_argument("--data", required=True, help="snli_ve_{train,dev,test}.jsonl")
+    e.add_argument("--images", required=True, help="Flickr30K image folder ({Flickr30K_ID}.jpg)")
     args = ap.parse_args(argv)
     return args.fn(args)
 
