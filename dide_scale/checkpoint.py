@@ -136,6 +136,7 @@ class Checkpointer:
         tags = self.complete_tags()
         for tag in tags[: max(0, len(tags) - self.keep_last)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
+            shutil.rmtree(self.dir / "universal" / tag, ignore_errors=True)
 
     # -- find -----------------------------------------------------------------------------
     def all_tags(self) -> list[str]:
@@ -163,7 +164,8 @@ class Checkpointer:
                 if problem is None:
                     own = self._own_state(d)
                     if own is not None:
-                        set_rng_state(own["rng"])
+                        if "rng" in own:
+                            set_rng_state(own["rng"])
                         log.info("resumed from %s", d)
                         return own
                     problem = f"no state for rank {_rank()} (saved at world size {self.saved_world(d)})"
@@ -172,21 +174,46 @@ class Checkpointer:
         return None
 
     def _load(self, engine, tag: str, load_optimizer: bool) -> str | None:
+        from .engine import convert_to_universal, load_universal
         saved_world = self.saved_world(self.dir / tag)
         try:
             if saved_world != _world():
-                return f"saved at world size {saved_world}, running at {_world()}"
-            path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=load_optimizer,
-                                             load_lr_scheduler_states=load_optimizer)
+                # another world size: DeepSpeed's universal format re-partitions the state
+                log.warning("checkpoint %s was written by %d ranks, resuming on %d: converting to DeepSpeed's "
+                            "universal format", tag, saved_world, _world())
+                error = None
+                if _rank() == 0:
+                    try:
+                        convert_to_universal(self.dir, tag, self.dir / "universal")
+                    except RuntimeError as e:
+                        error = str(e)
+                flag = [error]
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast_object_list(flag, src=0)
+                if flag[0]:
+                    return flag[0]
+                path, _ = load_universal(engine, self.dir / "universal", tag, load_optimizer)
+            else:
+                path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=load_optimizer,
+                                                 load_lr_scheduler_states=load_optimizer)
         except Exception as e:  # a corrupt shard surfaces as an unpickling/IO error
             return f"load failed: {e.__class__.__name__}: {e}"
         return None if path is not None else "DeepSpeed found nothing to load"
 
     def _own_state(self, d: Path) -> dict | None:
+        """This rank's saved state; after a world-size change, rank 0's counters with the
+        data position and RNG marked as not transferable."""
         p = d / f"dide_rank{_rank():05d}.pt"
-        if not p.exists():
+        if self.saved_world(d) == _world() and p.exists():
+            return torch.load(p, map_location="cpu", weights_only=True)
+        p0 = d / "dide_rank00000.pt"
+        if not p0.exists():
             return None
-        return torch.load(p, map_location="cpu", weights_only=True)
+        own = torch.load(p0, map_location="cpu", weights_only=True)
+        own["state"].pop("data", None)
+        own.pop("rng", None)
+        own["world_changed"] = True
+        return own
 
     @staticmethod
     def saved_world(d: Path) -> int:

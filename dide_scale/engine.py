@@ -231,3 +231,33 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def convert_to_universal(checkpoint_dir: str | os.PathLike, tag: str, out_dir: str | os.PathLike) -> Path:
+    """DeepSpeed's universal checkpoint conversion (for resuming at another world size).
+
+    Runs ``deepspeed.checkpoint.ds_to_universal`` in a subprocess (it forks workers) and
+    returns the directory holding the converted tag."""
+    import subprocess
+    import sys
+    out = Path(out_dir) / tag
+    if (out / "CONVERTED").exists():
+        return out
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(Path(checkpoint_dir) / tag), "--output_folder", str(out), "--num_extract_workers", "1",
+           "--num_merge_workers", "1", "--inject_missing_state"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"universal checkpoint conversion of {tag} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    (out / "CONVERTED").write_text("ok")
+    return out
+
+
+def load_universal(engine, universal_root: str | os.PathLike, tag: str, load_optimizer: bool = True):
+    """Load a converted universal checkpoint into ``engine`` (any world size)."""
+    engine._config.load_universal_checkpoint = True
+    try:
+        return engine.load_checkpoint(str(universal_root), tag=tag, load_optimizer_states=load_optimizer,
+                                      load_lr_scheduler_states=load_optimizer)
+    finally:
+        engine._config.load_universal_checkpoint = False

@@ -69,7 +69,14 @@ def agree(flag: bool, group) -> bool:
     return bool(t.item())
 
 
-def train_step(engines, task, batches, accum: int, timed: bool):
+def injected_nan_steps() -> set[int]:
+    """Fault injection for the reliability tests: DIDE_INJECT_NAN_STEPS="3,4" makes the loss
+    of those optimizer steps NaN (documented in docs/RELIABILITY.md; unset in real runs)."""
+    spec = os.environ.get("DIDE_INJECT_NAN_STEPS", "")
+    return {int(x) for x in spec.split(",") if x.strip()}
+
+
+def train_step(engines, task, batches, accum: int, timed: bool, poison: bool = False):
     """One optimizer step = ``accum`` micro-batches.  Returns (loss, parts, timings)."""
     from .engine import synchronize
     from .task import batch_to_device
@@ -83,6 +90,8 @@ def train_step(engines, task, batches, accum: int, timed: bool):
         b = batch_to_device(batch, engines.device, engines.dtype)
         times["data_wait"] += time.perf_counter() - t0
         out = task.training_forward(b, timed=timed)
+        if poison:
+            out.loss = out.loss * float("nan")
         for k in ("teacher_forward", "student_forward"):
             times[k] += out.timings.get(k, 0.0)
         t1 = time.perf_counter()
@@ -138,7 +147,13 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     if saved is not None:
         s = saved["state"]
         st.step, st.samples_seen = s["step"], s["samples_seen"]
-        loader.load_state_dict(s["data"])
+        if "data" in s:
+            loader.load_state_dict(s["data"])
+        else:  # world size changed: per-rank streams cannot continue; start new ones, never replay
+            log.warning("world size changed since the checkpoint: the data position restarts with fresh "
+                        "streams (seed %d + step)", cfg.train.seed)
+            loader.ds.seed = cfg.train.seed + st.step
+            seed_all(cfg.train.seed * 1000 + env.rank + st.step)
         log.info("resuming at step %d (%d samples seen)", st.step, st.samples_seen)
     if env.is_main:
         save_resolved(cfg, run_dir, ds_config)
@@ -155,6 +170,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=eng_mod.synchronize)
     task.train()
     batches = iter(loader)
+    nan_steps = injected_nan_steps()
     skipped_before = engines.student.skipped_steps
     exit_code = 0
     history_path = run_dir / "logs" / "metrics.jsonl"
@@ -164,7 +180,8 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
              "none" if teacher is None else ("ZeRO-3 partitioned" if engines.teacher_partitioned else "replicated"))
     while st.step < cfg.train.max_steps:
         log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
-        loss, parts, times = train_step(engines, task, batches, accum, timed=log_now)
+        loss, parts, times = train_step(engines, task, batches, accum, timed=log_now,
+                                        poison=st.step + 1 in nan_steps)
         st.step += 1
         st.samples_seen += cfg.train.global_batch_size
         # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
