@@ -297,6 +297,31 @@ def _evaluate(cfg, engines, metrics, step, evaluate, build_loader) -> dict:
     return res
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Everything that can be checked before a process group exists: shards, the teacher
+    directory, the student's initialisation directory, the tokenizer."""
+    from .data.pipeline import expand_sources
+    from .data.transforms import load_tokenizer
+    from .models.build import read_model_config
+    expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
+    if cfg.data.val_shards:
+        expand_sources(cfg.data.val_shards)
+    if cfg.loss.distills():
+        expected = ("vilt",) if cfg.teacher.kind == "hf_vilt" else ("dide_fusion",)
+        try:
+            read_model_config(cfg.teacher.path, expected)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"teacher.path: {e}") from None
+    kind, _, path = cfg.student.init.partition(":")
+    if kind in ("vilt", "fusion", "export"):
+        expected = {"vilt": ("vilt",), "fusion": ("dide_fusion",), "export": ("dide_dual_encoder", "dide_fusion")}
+        try:
+            read_model_config(path, expected[kind])
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"student.init: {e}") from None
+    load_tokenizer(cfg.data.tokenizer)
+
+
 def parse_args(argv: list[str] | None, prog: str = "dide-pretrain"):
     ap = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--config", default="debug", help="YAML file or shipped config name (default: debug)")
@@ -312,8 +337,7 @@ def main(argv: list[str] | None = None, prog: str = "dide-pretrain") -> int:
         cfg = load_config(args.config, args.overrides, world_size=env.world_size)
         from .engine import build_ds_config
         ds = build_ds_config(cfg, env.world_size)
-        from .data.pipeline import expand_sources
-        expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)  # missing shards: fail now
+        preflight(cfg)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

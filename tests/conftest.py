@@ -1,6 +1,7 @@
 """Shared fixtures: tiny demo shards and tiny configs, made by the tests themselves."""
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -34,3 +35,12 @@ def tiny_overrides(shards, out_dir, **extra) -> list[str]:
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+def record(name: str, **figures) -> None:
+    """Observed figures for docs/RELIABILITY.md: appended as JSON lines to the file named by
+    DIDE_RELIABILITY_REPORT (tools/reliability_report.py sets it and renders the table)."""
+    path = os.environ.get("DIDE_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **figures}) + "\n")
