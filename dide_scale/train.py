@@ -213,7 +213,9 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
             exit_code = REQUEUE_EXIT_CODE
             break
-        if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps:
+        # no checkpoint inside a streak of non-finite steps: the newest stays one from before the fault
+        if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps \
+                and st.bad_steps == 0:
             ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
     summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
     if exit_code == 0:

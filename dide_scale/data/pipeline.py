@@ -127,6 +127,8 @@ class ShardStream:
         try:
             raw = next(slot["iter"])
         except StopIteration:
+            if slot["offset"] == 0:
+                self.skipped["empty_shard"] += 1
             return None
         except Exception:  # truncated or unreadable tar: the shard's remainder is lost, counted
             self.skipped["unreadable_shard"] += 1

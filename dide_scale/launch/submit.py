@@ -1,0 +1,214 @@
+"""``dide-submit``: the training job through submitit, on SLURM or on this machine.
+
+    dide-submit --cluster slurm --nodes 2 --gpus-per-node 8 --time 240 --partition gpu \\
+        --config pretrain_4m.yaml train.output_dir=/shared/runs/p4m
+
+One submitit task per GPU (SLURM: srun tasks; local: processes), each running the trainer
+behind ``dide-pretrain`` (fine-tuning configs, ``train.task=vqa|nlvr2|snli_ve``, run the same
+way).  Preemption and the time-limit warning:
+
+* submitit asks SLURM for its warning signal (``SIGUSR2``, ``--signal-delay`` seconds before
+  the time limit) on every task; SIGTERM (preemption) and SIGUSR1 also reach every rank.
+  Submitit's own handler would checkpoint on rank 0 only and exit there at once; a ZeRO
+  checkpoint needs every rank, so :class:`TrainJob` routes these signals to the trainer's
+  ``StopSignal`` on every rank instead.  The ranks agree at the next step boundary, save a
+  sharded checkpoint together and return ``REQUEUE_EXIT_CODE``.
+* Then rank 0 hands over to submitit's requeue path (``checkpoint()`` -> a
+  ``DelayedSubmission`` of the same job, dumped; ``scontrol requeue``, or the local
+  executor's restart code) and the other ranks exit without a result, so the requeued
+  job writes the results.  The requeued job resumes from the checkpoint: the state lives in
+  ``train.output_dir``, never in the pickle.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("dide_scale.launch")
+
+# SBATCH_* variables that sbatch itself reads (and that would silently override the
+# script submitit writes): they are our defaults instead, and removed before submitting.
+SBATCH_ENV = {"partition": "SBATCH_PARTITION", "account": "SBATCH_ACCOUNT", "qos": "SBATCH_QOS",
+              "gpus_per_node": "SBATCH_GPUS_PER_NODE"}
+
+
+def _stop_signals() -> list[int]:
+    """Submitit's warning signal plus the ones SLURM uses (time limit, preemption)."""
+    import submitit
+    sigs = [signal.SIGTERM, signal.SIGUSR1]
+    sub = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, None)
+    if sub is not None and sub not in sigs:
+        sigs.append(sub)
+    return sigs
+
+
+def _export_local_ranks(env, port: int) -> None:
+    """The local executor's tasks as torchrun-style variables (SLURM tasks are srun steps,
+    which distributed.detect reads directly)."""
+    os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_SIZE=str(env.num_tasks))
+
+
+def run_trainer(config: str, overrides: list[str], stop) -> dict:
+    """What ``dide-pretrain`` does, with our ``StopSignal`` (installed before anything slow)."""
+    from .. import distributed, train
+    from ..config import load_config
+    from ..data.pipeline import expand_sources
+    from ..engine import build_ds_config
+    env = distributed.detect()
+    cfg = load_config(config, overrides, world_size=env.world_size)
+    ds = build_ds_config(cfg, env.world_size)
+    expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)  # missing shards: fail now
+    return train.run(cfg, env, ds, stop)
+
+
+try:
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # submitit is a dependency; keep the module importable for --help anyway
+    _Checkpointable = object
+
+
+class TrainJob(_Checkpointable):
+    """The submitit callable: runs the trainer on every task; requeues on exit code 42."""
+
+    def __init__(self, config: str, overrides: list[str], local_port: int | None = None):
+        self.config = config
+        self.overrides = list(overrides)
+        self.local_port = local_port
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from .. import train
+        stop = train.StopSignal()
+        for sig in _stop_signals():  # replaces submitit's rank-0-only USR2 handler and its SIGTERM bypass
+            signal.signal(sig, stop._handler)
+        env = submitit.JobEnvironment()
+        if env.cluster != "slurm" and env.num_tasks > 1:
+            _export_local_ranks(env, self.local_port or 29500)
+        summary = run_trainer(self.config, self.overrides, stop)
+        code = summary["exit_code"]
+        if code == train.REQUEUE_EXIT_CODE:
+            self._requeue(env, stop.received or signal.SIGUSR1)
+        if code != 0:
+            raise RuntimeError(f"trainer exited with code {code}: {summary}")
+        return summary
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on rank 0 only: the trainer already saved the sharded checkpoint
+        on every rank, so the resubmission is simply this same job (it resumes from
+        ``train.output_dir``)."""
+        from submitit.helpers import DelayedSubmission
+        return DelayedSubmission(TrainJob(self.config, self.overrides, self.local_port), *args, **kwargs)
+
+    @staticmethod
+    def _requeue(env, signum: int) -> None:
+        """Submitit's own preemption path, entered after every rank has checkpointed."""
+        if env.global_rank != 0:
+            # no result file from this task: the requeued job writes it (SystemExit is not
+            # caught by submitit, an Exception would be reported as the job's failure)
+            sys.exit(42)
+        from submitit.core.job_environment import SignalHandler
+        from submitit.core.utils import DelayedSubmission
+        delayed = DelayedSubmission.load(env.paths.submitted_pickle)
+        # -> self.checkpoint(), dump, `scontrol requeue` (slurm) / exit 144 (local), sys.exit
+        SignalHandler(env, env.paths, delayed).checkpoint_and_try_requeue(signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    ap = argparse.ArgumentParser(
+        prog="dide-submit", description="Submit dide training through submitit (SLURM or this machine).",
+        epilog="Defaults come from SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_GPUS_PER_NODE, "
+               "DIDE_ENV_SETUP, DIDE_SRUN_ARGS.  See docs/CLUSTER.md.")
+    ap.add_argument("--config", default="debug", help="YAML file or shipped config name (default: debug)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    ap.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
+                    help="slurm, local (processes on this machine) or auto (slurm when srun exists)")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=int(env("SBATCH_GPUS_PER_NODE") or 0),
+                    help="GPUs per node (default: $SBATCH_GPUS_PER_NODE or 0)")
+    ap.add_argument("--tasks-per-node", type=int, default=None,
+                    help="ranks per node (default: one per GPU, or 1 without GPUs)")
+    ap.add_argument("--cpus-per-task", type=int, default=None)
+    ap.add_argument("--mem-gb", type=float, default=None)
+    ap.add_argument("--time", type=int, default=60, help="time limit in minutes (default: 60)")
+    ap.add_argument("--partition", default=env("SBATCH_PARTITION"), help="(default: $SBATCH_PARTITION)")
+    ap.add_argument("--account", default=env("SBATCH_ACCOUNT"), help="(default: $SBATCH_ACCOUNT)")
+    ap.add_argument("--qos", default=env("SBATCH_QOS"), help="(default: $SBATCH_QOS)")
+    ap.add_argument("--exclusive", action="store_true", help="whole nodes")
+    ap.add_argument("--signal-delay", type=int, default=120,
+                    help="seconds between the warning signal and the time limit (default: 120)")
+    ap.add_argument("--setup", action="append", default=None,
+                    help="shell line run before srun (repeatable; default: $DIDE_ENV_SETUP)")
+    ap.add_argument("--srun-args", default=env("DIDE_SRUN_ARGS", ""),
+                    help="extra srun flags, one string (default: $DIDE_SRUN_ARGS)")
+    ap.add_argument("--python", default=None, help="python in the job (default: this interpreter)")
+    ap.add_argument("--name", default="dide", help="job name (default: dide)")
+    ap.add_argument("--folder", default=None,
+                    help="submitit folder: pickles and per-task logs (default: <train.output_dir>/submitit/%%j)")
+    ap.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's summary")
+    return ap
+
+
+def make_executor(args, folder: str):
+    import submitit
+    cluster = None if args.cluster == "auto" else args.cluster
+    kw = {}
+    if args.python and (cluster or submitit.AutoExecutor.which()) == "slurm":
+        kw["slurm_python"] = args.python
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kw)
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    params = dict(name=args.name, timeout_min=args.time, nodes=args.nodes, tasks_per_node=tasks,
+                  gpus_per_node=args.gpus_per_node or None, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+    if ex.cluster == "slurm":
+        setup = args.setup if args.setup is not None else [s for s in [os.environ.get("DIDE_ENV_SETUP")] if s]
+        extra = {"requeue": True}
+        if args.exclusive:
+            extra["exclusive"] = True
+        params.update(slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
+                      slurm_signal_delay_s=args.signal_delay, slurm_setup=setup,
+                      slurm_srun_args=shlex.split(args.srun_args or ""), slurm_additional_parameters=extra)
+        for var in SBATCH_ENV.values():  # sbatch would let them win over the script: ours are explicit
+            os.environ.pop(var, None)
+    else:
+        if args.nodes != 1:
+            raise SystemExit(f"dide-submit: error: --cluster {ex.cluster} runs on one node (got --nodes {args.nodes})")
+        # (the local executor sends its warning signal 30 s before --time; not configurable)
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .. import distributed
+    from ..config import ConfigError, load_config
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    world = args.nodes * tasks
+    try:  # fail here, not in the queue: bad keys, batch arithmetic for this world size
+        cfg = load_config(args.config, args.overrides, world_size=world)
+        cfg.grad_accum_steps(world)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"dide-submit: error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.train.output_dir).resolve()
+    folder = args.folder or str(run_dir / "submitit" / "%j")
+    ex = make_executor(args, folder)
+    port = distributed.free_port() if ex.cluster != "slurm" else None
+    job = ex.submit(TrainJob(args.config, args.overrides, port))
+    print(f"submitted {ex.cluster} job {job.job_id}: {world} rank(s) on {args.nodes} node(s)\n"
+          f"  run dir: {run_dir}\n  logs:    {job.paths.folder}/{job.job_id}_<rank>_log.out|err", flush=True)
+    if not args.wait:
+        return 0
+    results = job.results()  # one per task; rank 0's has the summary
+    print(f"job {job.job_id} finished: {results[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
