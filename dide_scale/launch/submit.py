@@ -27,6 +27,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("dide_scale.launch")
@@ -85,6 +86,7 @@ class TrainJob(_Checkpointable):
         import submitit
 
         from .. import train
+        self._started = time.time()
         stop = train.StopSignal()
         for sig in _stop_signals():  # replaces submitit's rank-0-only USR2 handler and its SIGTERM bypass
             signal.signal(sig, stop._handler)
@@ -94,7 +96,7 @@ class TrainJob(_Checkpointable):
         summary = run_trainer(self.config, self.overrides, stop)
         code = summary["exit_code"]
         if code == train.REQUEUE_EXIT_CODE:
-            self._requeue(env, stop.received or signal.SIGUSR1)
+            self._requeue(env, stop.received or signal.SIGUSR1, self._started)
         if code != 0:
             raise RuntimeError(f"trainer exited with code {code}: {summary}")
         return summary
@@ -107,8 +109,10 @@ class TrainJob(_Checkpointable):
         return DelayedSubmission(TrainJob(self.config, self.overrides, self.local_port), *args, **kwargs)
 
     @staticmethod
-    def _requeue(env, signum: int) -> None:
-        """Submitit's own preemption path, entered after every rank has checkpointed."""
+    def _requeue(env, signum: int, started: float) -> None:
+        """Submitit's own preemption path, entered after every rank has checkpointed.  As in
+        submitit, a stop late in the time limit counts as a time-out (at most
+        ``--max-timeouts`` of those); a preemption does not count."""
         if env.global_rank != 0:
             # no result file from this task: the requeued job writes it (SystemExit is not
             # caught by submitit, an Exception would be reported as the job's failure)
@@ -116,8 +120,10 @@ class TrainJob(_Checkpointable):
         from submitit.core.job_environment import SignalHandler
         from submitit.core.utils import DelayedSubmission
         delayed = DelayedSubmission.load(env.paths.submitted_pickle)
+        handler = SignalHandler(env, env.paths, delayed)
+        handler._start_time = started  # the job's start, not now: time-out vs preemption
         # -> self.checkpoint(), dump, `scontrol requeue` (slurm) / exit 144 (local), sys.exit
-        SignalHandler(env, env.paths, delayed).checkpoint_and_try_requeue(signum)
+        handler.checkpoint_and_try_requeue(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--exclusive", action="store_true", help="whole nodes")
     ap.add_argument("--signal-delay", type=int, default=120,
                     help="seconds between the warning signal and the time limit (default: 120)")
+    ap.add_argument("--max-timeouts", type=int, default=20,
+                    help="requeues after reaching the time limit before giving up (preemptions are not counted; "
+                         "default: 20)")
     ap.add_argument("--setup", action="append", default=None,
                     help="shell line run before srun (repeatable; default: $DIDE_ENV_SETUP)")
     ap.add_argument("--srun-args", default=env("DIDE_SRUN_ARGS", ""),
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--python", default=None, help="python in the job (default: this interpreter)")
     ap.add_argument("--name", default="dide", help="job name (default: dide)")
     ap.add_argument("--folder", default=None,
-                    help="submitit folder: pickles and per-task logs (default: <train.output_dir>/submitit/%%j)")
+                    help="submitit folder: pickles and per-task logs (default: <train.output_dir>/submitit)")
     ap.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's summary")
     return ap
 
@@ -159,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 def make_executor(args, folder: str):
     import submitit
     cluster = None if args.cluster == "auto" else args.cluster
-    kw = {}
-    if args.python and (cluster or submitit.AutoExecutor.which()) == "slurm":
-        kw["slurm_python"] = args.python
+    kw = {"slurm_max_num_timeout": args.max_timeouts, "local_max_num_timeout": args.max_timeouts}
+    if args.python:
+        kw.update(slurm_python=args.python, local_python=args.python)
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kw)
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
     params = dict(name=args.name, timeout_min=args.time, nodes=args.nodes, tasks_per_node=tasks,
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dide-submit: error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.train.output_dir).resolve()
-    folder = args.folder or str(run_dir / "submitit" / "%j")
+    folder = args.folder or str(run_dir / "submitit")
     ex = make_executor(args, folder)
     port = distributed.free_port() if ex.cluster != "slurm" else None
     job = ex.submit(TrainJob(args.config, args.overrides, port))
