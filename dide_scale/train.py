@@ -171,6 +171,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     task.train()
     batches = iter(loader)
     nan_steps = injected_nan_steps()
+    last_eval: dict = {}
     skipped_before = engines.student.skipped_steps
     exit_code = 0
     history_path = run_dir / "logs" / "metrics.jsonl"
@@ -207,7 +208,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             exit_code = 3
             break
         if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards:
-            _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)
+            last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)}
         if agree(stop.received is not None, control):
             log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
             ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
@@ -223,7 +224,10 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
         if not final.exists():
             ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
         if cfg.data.val_shards and cfg.train.task != "itm":
-            summary["eval"] = _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)
+            if last_eval.get("step") == st.step:  # evaluated at this very step already
+                summary["eval"] = last_eval["result"]
+            else:
+                summary["eval"] = _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)
         if env.is_main:
             from .export import export_from_checkpoint
             export_from_checkpoint(run_dir, run_dir / "export", engines.student_module)

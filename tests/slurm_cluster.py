@@ -149,8 +149,8 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         state = self.root / "state"
-        for d in ("state", "spool"):
-            (self.root / d).mkdir(exist_ok=True)
+        for d in ("state", *(f"spool/{n}" for n in NODES)):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]
         ctld_port, *node_ports = free_ports(1 + len(NODES))
         nodes = "\n".join(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} "

@@ -22,6 +22,7 @@ way).  Preemption and the time-limit warning:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -32,20 +33,64 @@ from pathlib import Path
 
 log = logging.getLogger("dide_scale.launch")
 
-# SBATCH_* variables that sbatch itself reads (and that would silently override the
-# script submitit writes): they are our defaults instead, and removed before submitting.
-SBATCH_ENV = {"partition": "SBATCH_PARTITION", "account": "SBATCH_ACCOUNT", "qos": "SBATCH_QOS",
-              "gpus_per_node": "SBATCH_GPUS_PER_NODE"}
+# SBATCH_* variables that sbatch itself reads would silently win over the script submitit
+# writes: the first four are our defaults instead, and all are removed before submitting.
+SBATCH_OVERRIDING = ("SBATCH_PARTITION", "SBATCH_ACCOUNT", "SBATCH_QOS", "SBATCH_TIMELIMIT", "SBATCH_SIGNAL",
+                     "SBATCH_NO_REQUEUE", "SBATCH_OPEN_MODE")
 
 
-def _stop_signals() -> list[int]:
-    """Submitit's warning signal plus the ones SLURM uses (time limit, preemption)."""
+def minutes(limit: str) -> int:
+    """A SLURM time limit ('90', '1:30:00', '2-00:00:00', 'MM:SS') in whole minutes."""
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        h, m, sec = parts
+        h += 24 * int(days)
+    elif len(parts) == 3:
+        h, m, sec = parts
+    elif len(parts) == 2:
+        h, (m, sec) = 0, parts
+    else:
+        h, m, sec = 0, parts[0], 0
+    return max(1, 60 * h + m + (sec + 59) // 60)
+
+
+def gpu_count(spec: str | None) -> int:
+    """'4' or 'a100:4' (SBATCH_GPUS_PER_NODE) -> 4."""
+    try:
+        return int((spec or "0").rsplit(":", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def _submitit_signal() -> int:
+    """Submitit's warning signal (SIGUSR2 unless $SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
     import submitit
-    sigs = [signal.SIGTERM, signal.SIGUSR1]
-    sub = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, None)
-    if sub is not None and sub not in sigs:
-        sigs.append(sub)
-    return sigs
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, signal.SIGUSR2)
+
+
+class _ToTrainer:
+    """Routes submitit's warning signal to the trainer's ``StopSignal`` on every rank.
+
+    The trainer installs ``StopSignal`` for SIGTERM and SIGUSR1 when it starts; the
+    submitit signal is passed to whatever handles SIGUSR1 at that moment.  Before the
+    trainer is up a signal is only recorded (SIGUSR1's default action would kill the rank;
+    nothing has been trained yet, so nothing is lost)."""
+
+    def __init__(self, sub_sig: int):
+        self.sub_sig = sub_sig
+        self.last: int | None = None
+
+    def install(self) -> None:
+        for sig in {signal.SIGUSR1, self.sub_sig}:
+            signal.signal(sig, self.handler)
+
+    def handler(self, signum, frame) -> None:
+        self.last = signum
+        current = signal.getsignal(signal.SIGUSR1)
+        if callable(current) and getattr(current, "__self__", None) is not self:
+            current(signal.SIGUSR1, frame)
 
 
 def _export_local_ranks(env, port: int) -> None:
@@ -55,19 +100,6 @@ def _export_local_ranks(env, port: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_SIZE=str(env.num_tasks))
 
 
-def run_trainer(config: str, overrides: list[str], stop) -> dict:
-    """What ``dide-pretrain`` does, with our ``StopSignal`` (installed before anything slow)."""
-    from .. import distributed, train
-    from ..config import load_config
-    from ..data.pipeline import expand_sources
-    from ..engine import build_ds_config
-    env = distributed.detect()
-    cfg = load_config(config, overrides, world_size=env.world_size)
-    ds = build_ds_config(cfg, env.world_size)
-    expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)  # missing shards: fail now
-    return train.run(cfg, env, ds, stop)
-
-
 try:
     from submitit.helpers import Checkpointable as _Checkpointable
 except ImportError:  # submitit is a dependency; keep the module importable for --help anyway
@@ -75,48 +107,48 @@ except ImportError:  # submitit is a dependency; keep the module importable for 
 
 
 class TrainJob(_Checkpointable):
-    """The submitit callable: runs the trainer on every task; requeues on exit code 42."""
+    """The submitit callable: ``dide-pretrain``'s main() on every task; requeue on exit 42."""
 
-    def __init__(self, config: str, overrides: list[str], local_port: int | None = None):
+    def __init__(self, config: str, overrides: list[str], run_dir: str, local_port: int | None = None):
         self.config = config
         self.overrides = list(overrides)
+        self.run_dir = str(run_dir)
         self.local_port = local_port
 
     def __call__(self) -> dict:
         import submitit
 
         from .. import train
-        self._started = time.time()
-        stop = train.StopSignal()
-        for sig in _stop_signals():  # replaces submitit's rank-0-only USR2 handler and its SIGTERM bypass
-            signal.signal(sig, stop._handler)
+        started = time.time()
+        router = _ToTrainer(_submitit_signal())
+        router.install()  # replaces submitit's handler, which would checkpoint and exit on rank 0 only
         env = submitit.JobEnvironment()
         if env.cluster != "slurm" and env.num_tasks > 1:
             _export_local_ranks(env, self.local_port or 29500)
-        summary = run_trainer(self.config, self.overrides, stop)
-        code = summary["exit_code"]
+        code = train.main(["--config", self.config, *self.overrides])
         if code == train.REQUEUE_EXIT_CODE:
-            self._requeue(env, stop.received or signal.SIGUSR1, self._started)
+            self._requeue(env, router.last or signal.SIGTERM, started)
         if code != 0:
-            raise RuntimeError(f"trainer exited with code {code}: {summary}")
-        return summary
+            raise RuntimeError(f"the trainer exited with code {code}; see {self.run_dir}/logs")
+        return json.loads((Path(self.run_dir) / "summary.json").read_text())
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on rank 0 only: the trainer already saved the sharded checkpoint
-        on every rank, so the resubmission is simply this same job (it resumes from
-        ``train.output_dir``)."""
+        """Called by submitit on rank 0 only, after the trainer saved the sharded checkpoint
+        on every rank: the resubmission is this same job, which resumes from its run dir."""
         from submitit.helpers import DelayedSubmission
-        return DelayedSubmission(TrainJob(self.config, self.overrides, self.local_port), *args, **kwargs)
+        return DelayedSubmission(TrainJob(self.config, self.overrides, self.run_dir, self.local_port),
+                                 *args, **kwargs)
 
     @staticmethod
     def _requeue(env, signum: int, started: float) -> None:
         """Submitit's own preemption path, entered after every rank has checkpointed.  As in
         submitit, a stop late in the time limit counts as a time-out (at most
         ``--max-timeouts`` of those); a preemption does not count."""
+        from .. import train
         if env.global_rank != 0:
             # no result file from this task: the requeued job writes it (SystemExit is not
-            # caught by submitit, an Exception would be reported as the job's failure)
-            sys.exit(42)
+            # caught by submitit; an Exception would be reported as the job's failure)
+            sys.exit(train.REQUEUE_EXIT_CODE)
         from submitit.core.job_environment import SignalHandler
         from submitit.core.utils import DelayedSubmission
         delayed = DelayedSubmission.load(env.paths.submitted_pickle)
@@ -130,20 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     ap = argparse.ArgumentParser(
         prog="dide-submit", description="Submit dide training through submitit (SLURM or this machine).",
-        epilog="Defaults come from SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_GPUS_PER_NODE, "
-               "DIDE_ENV_SETUP, DIDE_SRUN_ARGS.  See docs/CLUSTER.md.")
+        epilog="Defaults come from SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_TIMELIMIT, "
+               "SBATCH_GPUS_PER_NODE, DIDE_ENV_SETUP, DIDE_SRUN_ARGS.  See docs/CLUSTER.md.")
     ap.add_argument("--config", default="debug", help="YAML file or shipped config name (default: debug)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
     ap.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
                     help="slurm, local (processes on this machine) or auto (slurm when srun exists)")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=int(env("SBATCH_GPUS_PER_NODE") or 0),
-                    help="GPUs per node (default: $SBATCH_GPUS_PER_NODE or 0)")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPUs per node (default: $SBATCH_GPUS_PER_NODE, applied by sbatch itself, or 0)")
     ap.add_argument("--tasks-per-node", type=int, default=None,
                     help="ranks per node (default: one per GPU, or 1 without GPUs)")
     ap.add_argument("--cpus-per-task", type=int, default=None)
     ap.add_argument("--mem-gb", type=float, default=None)
-    ap.add_argument("--time", type=int, default=60, help="time limit in minutes (default: 60)")
+    ap.add_argument("--time", type=int, default=minutes(env("SBATCH_TIMELIMIT") or "60"),
+                    help="time limit in minutes (default: $SBATCH_TIMELIMIT or 60)")
     ap.add_argument("--partition", default=env("SBATCH_PARTITION"), help="(default: $SBATCH_PARTITION)")
     ap.add_argument("--account", default=env("SBATCH_ACCOUNT"), help="(default: $SBATCH_ACCOUNT)")
     ap.add_argument("--qos", default=env("SBATCH_QOS"), help="(default: $SBATCH_QOS)")
@@ -165,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def tasks_per_node(args) -> int:
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else gpu_count(os.environ.get("SBATCH_GPUS_PER_NODE"))
+    return args.tasks_per_node or max(gpus, 1)
+
+
 def make_executor(args, folder: str):
     import submitit
     cluster = None if args.cluster == "auto" else args.cluster
@@ -172,10 +210,12 @@ def make_executor(args, folder: str):
     if args.python:
         kw.update(slurm_python=args.python, local_python=args.python)
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kw)
-    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    params = dict(name=args.name, timeout_min=args.time, nodes=args.nodes, tasks_per_node=tasks,
-                  gpus_per_node=args.gpus_per_node or None, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+    params = dict(name=args.name, timeout_min=args.time, nodes=args.nodes, tasks_per_node=tasks_per_node(args),
+                  cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
     if ex.cluster == "slurm":
+        if args.gpus_per_node is not None:  # else sbatch applies $SBATCH_GPUS_PER_NODE (type included) itself
+            os.environ.pop("SBATCH_GPUS_PER_NODE", None)
+            params["gpus_per_node"] = args.gpus_per_node or None
         setup = args.setup if args.setup is not None else [s for s in [os.environ.get("DIDE_ENV_SETUP")] if s]
         extra = {"requeue": True}
         if args.exclusive:
@@ -183,11 +223,13 @@ def make_executor(args, folder: str):
         params.update(slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
                       slurm_signal_delay_s=args.signal_delay, slurm_setup=setup,
                       slurm_srun_args=shlex.split(args.srun_args or ""), slurm_additional_parameters=extra)
-        for var in SBATCH_ENV.values():  # sbatch would let them win over the script: ours are explicit
+        for var in SBATCH_OVERRIDING:
             os.environ.pop(var, None)
     else:
         if args.nodes != 1:
             raise SystemExit(f"dide-submit: error: --cluster {ex.cluster} runs on one node (got --nodes {args.nodes})")
+        params["gpus_per_node"] = gpu_count(str(args.gpus_per_node)) if args.gpus_per_node is not None \
+            else gpu_count(os.environ.get("SBATCH_GPUS_PER_NODE"))
         # (the local executor sends its warning signal 30 s before --time; not configurable)
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return ex
@@ -197,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .. import distributed
     from ..config import ConfigError, load_config
-    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    world = args.nodes * tasks
+    world = args.nodes * tasks_per_node(args)
     try:  # fail here, not in the queue: bad keys, batch arithmetic for this world size
         cfg = load_config(args.config, args.overrides, world_size=world)
         cfg.grad_accum_steps(world)
@@ -206,15 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dide-submit: error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.train.output_dir).resolve()
-    folder = args.folder or str(run_dir / "submitit")
-    ex = make_executor(args, folder)
+    config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
+    overrides = [*args.overrides, f"train.output_dir={run_dir}"]  # the job's cwd may differ
+    ex = make_executor(args, args.folder or str(run_dir / "submitit"))
     port = distributed.free_port() if ex.cluster != "slurm" else None
-    job = ex.submit(TrainJob(args.config, args.overrides, port))
+    job = ex.submit(TrainJob(config, overrides, str(run_dir), port))
     print(f"submitted {ex.cluster} job {job.job_id}: {world} rank(s) on {args.nodes} node(s)\n"
           f"  run dir: {run_dir}\n  logs:    {job.paths.folder}/{job.job_id}_<rank>_log.out|err", flush=True)
     if not args.wait:
         return 0
-    results = job.results()  # one per task; rank 0's has the summary
+    try:
+        results = job.results()  # one per task, each the run's summary
+    except Exception as e:  # FailedJobError / UncompletedJobError carry the job's log tail
+        print(f"job {job.job_id} failed: {e}", file=sys.stderr)
+        return 1
     print(f"job {job.job_id} finished: {results[0]}")
     return 0
 
