@@ -290,7 +290,6 @@ def _own_state(st: TrainState, loader) -> dict:
 
 
 def _evaluate(cfg, engines, metrics, step, evaluate, build_loader) -> dict:
-    from .data.demo import ANSWERS
     loader = build_loader(cfg, "val", batch_size=max(cfg.train.micro_batch_size, 32))
     res = evaluate(engines.student_module, loader, cfg.train.task, engines.device, engines.dtype,
                    max_batches=cfg.train.eval_batches)
@@ -299,7 +298,6 @@ def _evaluate(cfg, engines, metrics, step, evaluate, build_loader) -> dict:
     log.info("eval step %d: accuracy %.4f  %s", step, res["accuracy"],
              "  ".join(f"{k} {v:.3f}" for k, v in res["per_type"].items()))
     res.pop("predictions", None)
-    del ANSWERS
     return res
 
 

@@ -14,17 +14,21 @@ reported.  Two speeds per run:
 Pipelines:
 
 * ``ours``: ``WdsBatches`` + ``ResumableLoader`` with ``SampleDecoder('itm')`` (header
-  check, JPEG ``draft``, PIL bilinear resize to the model size, uint8) and ``Collate``.
-* ``ours+torch-resize`` (``--prototype``): the same, with the resize done by torch's uint8
-  antialiased bilinear kernel instead of PIL's (the change proposed for transforms.py).
+  check, JPEG ``draft``, PIL bilinear resize to the model size, uint8) and ``Collate``, as shipped.
+* prototypes (skip with ``--no-prototype``), the changes proposed for transforms.py:
+  A = resize by torch's uint8 antialiased bilinear kernel instead of PIL's, no RGB->RGB copy,
+  pixel batch stacked straight into shared memory (``decode_image_proto``, ``ProtoCollate``);
+  B = A + ``torchvision.io.decode_jpeg`` for JPEGs that ``draft`` cannot shrink.
 * ``openclip``: ``open_clip_train.data.get_wds_dataset`` (resampled shards, its shuffle
   buffer, ``wds.decode('pilrgb')``) with ``open_clip.image_transform(384, is_train=True)``
-  (RandomResizedCrop(scale 0.9-1) bicubic, ToTensor, Normalize) and its BPE tokenizer.
+  (RandomResizedCrop(scale 0.9-1) bicubic, ToTensor, Normalize) and its BPE tokenizer;
+  needs ``pip install open-clip-torch pandas`` (not the [training] extra: it pins
+  webdataset<=0.2.86), and one patch for webdataset>=0.2.96 (``_patch_openclip_eof``).
 
 Without ``--shards``, a CC3M-like shard set is synthesised (photo-like JPEGs: colour fields,
-shapes, texture and noise; 375-1024 px sides; quality 90; 4:2:0) with ``ShardWriter``.
+shapes, texture and noise; 333-1024 px sides; quality 90; 4:2:0) with ``ShardWriter``.
 
-    python tools/bench_data.py                           # synthetic shards, ~2.5 minutes
+    python tools/bench_data.py --out docs/bench_data_result.md   # synthetic shards, ~2.5 min
     python tools/bench_data.py --shards '/data/cc3m/{00000..00331}.tar' --workers 1 2 4
 """
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 # CC3M-like sizes (w, h): mostly 4:3 / 3:2 landscape, some portrait
 SIZES = [(500, 375), (640, 480), (800, 600), (1024, 768), (500, 333), (640, 427), (768, 1024), (375, 500),
@@ -138,11 +143,15 @@ def shard_stats(pattern: str, limit: int = 200) -> dict:
             "bpp": 8 * nbytes / max(npix, 1), "mean_mpix": npix / max(k, 1) / 1e6}
 
 
-# --- prototype decode (what transforms.decode_image could do) -------------------------------
-def decode_image_torch_resize(data: bytes, size: tuple[int, int], max_pixels: int):
-    """``transforms.decode_image`` with the resize moved from PIL to torch's uint8
-    antialiased bilinear kernel (AVX2, matches PIL's filter within 1 level), which also
-    returns a contiguous [3, H, W] tensor (no strided copy in ``torch.stack``)."""
+# --- prototype (what transforms.py could do) ----------------------------------------------
+def decode_image_proto(data: bytes, size: tuple[int, int], max_pixels: int, tv_decode: bool = False):
+    """``transforms.decode_image`` with (a) the resize done by torch's uint8 antialiased
+    bilinear kernel (``F.interpolate(..., antialias=True)`` on the channels-last view; AVX2;
+    within 1 grey level of PIL's bilinear filter) instead of PIL's ``Image.resize``, which also
+    returns a contiguous [3, H, W] tensor, so ``torch.stack`` in ``Collate`` is a plain memcpy;
+    (b) no ``convert('RGB')`` copy when the image already is RGB; (c) with ``tv_decode``, JPEGs
+    that ``draft`` cannot shrink are decoded by ``torchvision.io.decode_jpeg`` (same
+    libjpeg-turbo output, less per-image overhead than PIL's chunked ``load``)."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -154,35 +163,73 @@ def decode_image_torch_resize(data: bytes, size: tuple[int, int], max_pixels: in
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             raise SkipSample("oversized_image")
+        t = None
         if img.format == "JPEG":
+            full = img.size
             img.draft("RGB", (w, h))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        arr = np.asarray(img)  # loads (decodes) the image
+            if tv_decode and img.size == full:
+                import torchvision.io as tio
+                t = tio.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
+        if t is None:
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)  # np.asarray decodes; channels-last view
     except SkipSample:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError):
         raise SkipSample("corrupt_image") from None
-    t = torch.from_numpy(arr).permute(2, 0, 1)  # channels-last view: the fast uint8 path
     if t.shape[1:] != (h, w):
         t = F.interpolate(t[None], size=(h, w), mode="bilinear", antialias=True)[0]
     return t
 
 
-class TorchResizeDecoder:
-    """``SampleDecoder`` with ``decode_image_torch_resize`` (prototype; picklable)."""
+class ProtoDecoder:
+    """``SampleDecoder`` calling ``decode_image_proto`` (picklable)."""
 
-    def __init__(self, *args, **kw):
+    def __init__(self, task: str, size: tuple[int, int], tv_decode: bool = False):
         from dide_scale.data.transforms import SampleDecoder
-        self.inner = SampleDecoder(*args, **kw)
+        self.inner, self.tv_decode = SampleDecoder(task, size), tv_decode
 
     def __call__(self, raw: dict) -> dict:
         from dide_scale.data import transforms as T
-        saved, T.decode_image = T.decode_image, decode_image_torch_resize
+        saved = T.decode_image
+        T.decode_image = lambda d, size, mp: decode_image_proto(d, size, mp, self.tv_decode)
         try:
             return self.inner(raw)
         finally:
             T.decode_image = saved
+
+
+def stack_shared(tensors: list):
+    """``torch.stack`` into shared memory when in a DataLoader worker (what torch's
+    ``default_collate`` does): the batch then crosses to the main process without the
+    second full copy that ``ForkingPickler`` makes (``UntypedStorage._share_fd_cpu_``)."""
+    import torch
+    from torch.utils.data import get_worker_info
+    out = None
+    if get_worker_info() is not None:
+        e = tensors[0]
+        storage = e._typed_storage()._new_shared(len(tensors) * e.numel(), device=e.device)
+        out = e.new(storage).resize_(len(tensors), *e.shape)
+    return torch.stack(tensors, 0, out=out)
+
+
+class ProtoCollate:
+    """``Collate`` with the pixel batch stacked by ``stack_shared`` (picklable)."""
+
+    def __init__(self, tokenizer: str, max_len: int):
+        from dide_scale.data.transforms import Collate
+        self.inner = Collate(tokenizer, max_len)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        import torch
+        dummy = torch.zeros(0, dtype=torch.uint8)
+        batch = self.inner([{**s, "pixels": dummy, **({"pixels2": dummy} if "pixels2" in s else {})}
+                            for s in samples])
+        batch["pixels"] = stack_shared([s["pixels"] for s in samples])
+        if "pixels2" in samples[0]:
+            batch["pixels2"] = stack_shared([s["pixels2"] for s in samples])
+        return batch
 
 
 # --- pipelines --------------------------------------------------------------------------------
@@ -194,11 +241,16 @@ class Run:
 
 
 def start_ours(pattern: str, size: tuple[int, int], workers: int, bs: int, tokenizer: str, max_len: int,
-               torch_resize: bool = False, open_shards: int = 4) -> Run:
+               proto: str = "", open_shards: int = 4) -> Run:
+    """``proto``: '' (as shipped), 'fast' (ProtoDecoder + ProtoCollate), 'fast+tv' (also
+    torchvision's JPEG decoder where draft does not apply)."""
     from dide_scale.data.pipeline import ResumableLoader, WdsBatches, expand_sources
     from dide_scale.data.transforms import Collate, SampleDecoder
-    dec = (TorchResizeDecoder if torch_resize else SampleDecoder)("itm", size)
-    ds = WdsBatches(expand_sources(pattern), dec, Collate(tokenizer, max_len), bs, seed=0, resampled=True,
+    if proto:
+        dec, col = ProtoDecoder("itm", size, tv_decode=proto == "fast+tv"), ProtoCollate(tokenizer, max_len)
+    else:
+        dec, col = SampleDecoder("itm", size), Collate(tokenizer, max_len)
+    ds = WdsBatches(expand_sources(pattern), dec, col, bs, seed=0, resampled=True,
                     open_shards=open_shards, num_workers=workers)
     gen = iter(ResumableLoader(ds, pin_memory=False, repeat=True))
     return Run((len(b["keys"]) for b in gen), gen.close)
@@ -232,7 +284,11 @@ def start_openclip(pattern: str, size: int, workers: int, bs: int, is_train: boo
                            workers=workers, val_num_samples=None)
     pre = open_clip.image_transform(size, is_train=is_train)
     info = ocd.get_wds_dataset(args, pre, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    from torch.utils.data import DataLoader
+    # wds.WebLoader is a DataPipeline around a torch DataLoader (persistent workers): iterate
+    # that DataLoader directly (same batches) so its workers can be shut down afterwards
     loader = info.dataloader
+    loader = next((p for p in getattr(loader, "pipeline", []) if isinstance(p, DataLoader)), loader)
     it = iter(loader)
 
     def stop():
@@ -261,7 +317,9 @@ def measure(start, workers: int, warmup_s: float, window_s: float) -> dict:
     run = start()
     try:
         n_warm = 0
+        t_first = None
         for n in run.it:  # warm-up: worker start, tokenizer load, shard opens, OpenCLIP's shuffle fill
+            t_first = t_first or time.perf_counter()
             n_warm += 1
             if time.perf_counter() - t_start >= warmup_s and n_warm >= 2 * max(1, workers):
                 break
@@ -285,7 +343,8 @@ def measure(start, workers: int, warmup_s: float, window_s: float) -> dict:
                 pass
         gc.collect()
     return {"images": images, "seconds": dt, "ips": images / dt, "worker_cpu": wcpu, "main_cpu": mcpu,
-            "ips_per_cpu": images / wcpu if wcpu > 0 else float("nan"), "warmup": first}
+            "ips_per_cpu": images / wcpu if wcpu > 0 else float("nan"), "warmup": first,
+            "first_batch": t_first - t_start, "total": time.perf_counter() - t_start}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -326,16 +385,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="pretrain_b32's micro_batch_size")
     ap.add_argument("--size", type=int, default=384, help="square output size for both pipelines")
     ap.add_argument("--model-size", type=int, nargs=2, default=[384, 640], metavar=("H", "W"),
-                    help="our model's image_size, measured for ours only at the first worker count "
-                         "(0 0 to skip)")
+                    help="our model's image_size: ours and the prototypes also at this size, first worker "
+                         "count only (0 0 to skip)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=float, default=1.5, help="seconds per run before the window")
-    ap.add_argument("--window", type=float, default=3.0, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=1.2, help="seconds per run before the window")
+    ap.add_argument("--window", type=float, default=2.5, help="measured seconds per run")
     ap.add_argument("--tokenizer", default="builtin:demo", help="our Collate's tokenizer (offline default)")
     ap.add_argument("--max-text-len", type=int, default=40)
     ap.add_argument("--openclip-transform", choices=["train", "val"], default="train")
     ap.add_argument("--no-prototype", dest="prototype", action="store_false",
-                    help="skip the ours+torch-resize prototype")
+                    help="skip the prototype decoders (see ProtoDecoder)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -363,26 +422,25 @@ def main(argv=None) -> int:
                       f" in {-(-info['images'] // args.per_shard)} shards, written with `ShardWriter`")
     pattern = info["pattern"]
     S = args.size
-    pipes = []  # (label, output size text, workers list, factory(workers))
-    oc_label = f"OpenCLIP `get_wds_dataset` + `image_transform({S}, is_train={args.openclip_transform == 'train'})`"
-    pipes.append(("openclip", oc_label, f"{S}x{S}", args.workers,
-                  lambda w: start_openclip(pattern, S, w, args.batch_size, args.openclip_transform == "train")))
-    pipes.append(("ours", "ours (`SampleDecoder` + `Collate`)", f"{S}x{S}", args.workers,
-                  lambda w: start_ours(pattern, (S, S), w, args.batch_size, args.tokenizer, args.max_text_len)))
-    if args.prototype:
-        pipes.append(("proto", "ours + torch uint8 resize (prototype)", f"{S}x{S}", args.workers,
-                      lambda w: start_ours(pattern, (S, S), w, args.batch_size, args.tokenizer, args.max_text_len,
-                                           torch_resize=True)))
+    pipes = []  # (key, label, output size, worker counts, factory(workers))
+    is_train = args.openclip_transform == "train"
+    pipes.append(("openclip", f"OpenCLIP `get_wds_dataset` + `image_transform({S}, is_train={is_train})`",
+                  f"{S}x{S}", args.workers, lambda w: start_openclip(pattern, S, w, args.batch_size, is_train)))
+
+    def ours(size, proto=""):
+        return lambda w: start_ours(pattern, size, w, args.batch_size, args.tokenizer, args.max_text_len, proto)
+    w1 = args.workers[:1]
+    labels = {"": "ours as shipped", "fast": "prototype A: torch uint8 resize + shared-memory stack",
+              "fast+tv": "prototype B: A + torchvision `decode_jpeg` where draft does not apply"}
+    sizes = [(S, S)]
     mh, mw = args.model_size
     if mh and mw and (mh, mw) != (S, S):
-        w1 = args.workers[:1]
-        pipes.append(("ours_model", "ours at the model size", f"{mh}x{mw}", w1,
-                      lambda w: start_ours(pattern, (mh, mw), w, args.batch_size, args.tokenizer,
-                                           args.max_text_len)))
-        if args.prototype:
-            pipes.append(("proto_model", "ours + torch uint8 resize at the model size", f"{mh}x{mw}", w1,
-                          lambda w: start_ours(pattern, (mh, mw), w, args.batch_size, args.tokenizer,
-                                               args.max_text_len, torch_resize=True)))
+        sizes.append((mh, mw))
+    for size in sizes:
+        tag = "" if size == (S, S) else "_model"
+        for proto in ["", "fast", "fast+tv"] if args.prototype else [""]:
+            wl = args.workers if size == (S, S) and proto != "fast+tv" else w1
+            pipes.append(((proto or "ours") + tag, labels[proto], f"{size[0]}x{size[1]}", wl, ours(size, proto)))
     results: dict[tuple[str, int], list[dict]] = {}
     for rep in range(args.repeats):
         for w in args.workers:
@@ -393,7 +451,8 @@ def main(argv=None) -> int:
                 r = measure(lambda: factory(w), w, args.warmup, args.window)
                 results.setdefault((key, w), []).append(r)
                 print(f"rep {rep} workers {w} {key:12s} {r['ips']:7.1f} img/s  {r['ips_per_cpu']:7.1f} img/cpu-s "
-                      f"(window {r['seconds']:.1f} s, {r['images']} images)", file=sys.stderr)
+                      f"(window {r['seconds']:.1f} s, {r['images']} images; first batch after "
+                      f"{r['first_batch']:.1f} s, run {r['total']:.1f} s)", file=sys.stderr)
     load1 = os.getloadavg()
 
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("ips", "ips_per_cpu")} for k, v in results.items()}
@@ -416,9 +475,12 @@ def main(argv=None) -> int:
         f"- OpenCLIP: `open_clip_train.data.get_wds_dataset(dataset_resampled=True)` (shuffle buffer, "
         f"`wds.decode('pilrgb')`), `open_clip.image_transform({S}, is_train={args.openclip_transform == 'train'})` "
         "(train: RandomResizedCrop(scale 0.9-1.0, bicubic) + ToTensor + Normalize, float32 out), "
-        "`get_tokenizer('ViT-B-32')` (BPE, 77 tokens)",
+        "`get_tokenizer('ViT-B-32')` (BPE, 77 tokens); webdataset>=0.2.96 needs `eof_value=None` in its "
+        "`tarfile_to_samples_nothrow` (patched here, webdataset#384)",
         f"- Ours: `WdsBatches` + `ResumableLoader`, `SampleDecoder('itm')` (header check, JPEG draft, PIL bilinear "
-        f"resize, uint8 out), `Collate('{args.tokenizer}', {args.max_text_len})`, open_shards 4",
+        f"resize, uint8 out), `Collate('{args.tokenizer}', {args.max_text_len})`, open_shards 4; prototypes: "
+        "A = torch uint8 antialiased bilinear resize instead of PIL's, no RGB copy, batch stacked into shared "
+        "memory; B = A + `torchvision.io.decode_jpeg` where draft does not shrink (see `decode_image_proto`)",
         "- images/s per worker = images/s / workers; images per worker CPU-s = images / CPU time of the worker "
         "processes in the window (independent of other load on the machine)",
         "",
