@@ -173,6 +173,23 @@ def test_pretrain_sbatch_preempted_and_requeued(slurm, job_env, reference_run, d
     print(f"sbatch preempted at step {stopped}, requeued, finished: {time.time() - t0:.1f} s")
 
 
+def test_pretrain_sbatch_requeued_by_slurm(slurm, job_env, reference_run, demo_shards, tmp_path):
+    """An admin requeue / preemption: SLURM sends SIGTERM to every process of the job and
+    requeues it itself; the ranks checkpoint within KillWait, the script must not requeue
+    (the same path keeps a `scancel`led job cancelled)."""
+    run_dir = tmp_path / "run"
+    # data.num_workers=0: DataLoader workers die on SIGTERM today (torch's C handler), which
+    # crashes the ranks instead of checkpointing; see the launcher report / docs/CLUSTER.md
+    job = sbatch_pretrain(slurm, job_env, tmp_path, tiny_overrides(demo_shards, run_dir, **RUN))
+    wait_for_step(slurm, job, run_dir, 2)
+    slurm.run("scontrol", "requeue", job)
+    info = slurm.wait_state(job, {"COMPLETED"}, JOB_TIMEOUT)
+    assert info["Restarts"] == "1", info
+    log = (tmp_path / f"dide-pretrain-{job}.out").read_text()
+    assert "trainer exit code 42 (signals: TERM" in log and "requeueing" not in log
+    assert_resumed_like_reference(run_dir, reference_run["run_dir"])
+
+
 def test_dide_submit_slurm_preempted_and_requeued(slurm, job_env, reference_run, demo_shards, tmp_path):
     """dide-submit (submitit's slurm executor): 2 nodes; submitit's own warning signal
     (USR2) on the steps; every rank checkpoints, rank 0 requeues, results come back."""
@@ -204,8 +221,8 @@ def test_dide_submit_slurm_preempted_and_requeued(slurm, job_env, reference_run,
 
 
 def test_dide_submit_local_executor_requeues(job_env, reference_run, demo_shards, tmp_path):
-    """The laptop path: submitit's local executor, 2 processes; SIGTERM to the job
-    (forwarded to every task), checkpoint, submitit's local requeue, finish."""
+    """The laptop path: submitit's local executor, 2 processes; the warning signal,
+    checkpoint on both ranks, submitit's local requeue (exit 144, restart), finish."""
     from dide_scale import distributed
     from dide_scale.launch import submit
     run_dir = tmp_path / "run"
@@ -225,7 +242,11 @@ def test_dide_submit_local_executor_requeues(job_env, reference_run, demo_shards
     while not any(m["step"] >= 2 for m in metrics(run_dir)):
         assert job.state == "RUNNING" and time.time() < deadline, job.state
         time.sleep(0.1)
-    job._process.send_signal(signal.SIGTERM)  # the controller forwards it to every task
+    # what the local controller does 30 s before --time: submitit's signal to every task
+    tasks = subprocess.run(["pgrep", "-P", str(job._process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(tasks) == 2, tasks
+    for pid in tasks:
+        os.kill(int(pid), signal.SIGUSR2)
     results = job.results()
     assert results[0]["step"] == STEPS and results[0]["exit_code"] == 0
     assert_resumed_like_reference(run_dir, reference_run["run_dir"])

@@ -14,7 +14,7 @@ reported.  Two speeds per run:
 Pipelines:
 
 * ``ours``: ``WdsBatches`` + ``ResumableLoader`` with ``SampleDecoder('itm')`` (header
-  check, JPEG ``draft``, PIL bilinear resize to the model size, uint8) and ``Collate``, as shipped.
+  check, JPEG ``draft``, torch uint8 antialiased resize to the model size) and ``Collate``, as shipped.
 * prototypes (skip with ``--no-prototype``), the changes proposed for transforms.py:
   A = resize by torch's uint8 antialiased bilinear kernel instead of PIL's, no RGB->RGB copy,
   pixel batch stacked straight into shared memory (``decode_image_proto``, ``ProtoCollate``);
@@ -477,8 +477,8 @@ def main(argv=None) -> int:
         "(train: RandomResizedCrop(scale 0.9-1.0, bicubic) + ToTensor + Normalize, float32 out), "
         "`get_tokenizer('ViT-B-32')` (BPE, 77 tokens); webdataset>=0.2.96 needs `eof_value=None` in its "
         "`tarfile_to_samples_nothrow` (patched here, webdataset#384)",
-        f"- Ours: `WdsBatches` + `ResumableLoader`, `SampleDecoder('itm')` (header check, JPEG draft, PIL bilinear "
-        f"resize, uint8 out), `Collate('{args.tokenizer}', {args.max_text_len})`, open_shards 4; prototypes: "
+        f"- Ours: `WdsBatches` + `ResumableLoader`, `SampleDecoder('itm')` (header check, JPEG draft, torch uint8 "
+        f"antialiased resize, batch stacked in shared memory; prototype A folded in), `Collate('{args.tokenizer}', {args.max_text_len})`, open_shards 4; prototypes: "
         "A = torch uint8 antialiased bilinear resize instead of PIL's, no RGB copy, batch stacked into shared "
         "memory; B = A + `torchvision.io.decode_jpeg` where draft does not shrink (see `decode_image_proto`)",
         "- images/s per worker = images/s / workers; images per worker CPU-s = images / CPU time of the worker "

@@ -1,23 +1,24 @@
 """``dide-submit``: the training job through submitit, on SLURM or on this machine.
 
     dide-submit --cluster slurm --nodes 2 --gpus-per-node 8 --time 240 --partition gpu \\
-        --config pretrain_4m.yaml train.output_dir=/shared/runs/p4m
+        --config pretrain_b32 train.output_dir=/shared/runs/b32
 
 One submitit task per GPU (SLURM: srun tasks; local: processes), each running the trainer
 behind ``dide-pretrain`` (fine-tuning configs, ``train.task=vqa|nlvr2|snli_ve``, run the same
 way).  Preemption and the time-limit warning:
 
 * submitit asks SLURM for its warning signal (``SIGUSR2``, ``--signal-delay`` seconds before
-  the time limit) on every task; SIGTERM (preemption) and SIGUSR1 also reach every rank.
-  Submitit's own handler would checkpoint on rank 0 only and exit there at once; a ZeRO
-  checkpoint needs every rank, so :class:`TrainJob` routes these signals to the trainer's
-  ``StopSignal`` on every rank instead.  The ranks agree at the next step boundary, save a
-  sharded checkpoint together and return ``REQUEUE_EXIT_CODE``.
-* Then rank 0 hands over to submitit's requeue path (``checkpoint()`` -> a
-  ``DelayedSubmission`` of the same job, dumped; ``scontrol requeue``, or the local
-  executor's restart code) and the other ranks exit without a result, so the requeued
-  job writes the results.  The requeued job resumes from the checkpoint: the state lives in
-  ``train.output_dir``, never in the pickle.
+  the time limit) on every task.  Submitit's own handler would checkpoint on rank 0 only
+  and exit there at once; a ZeRO checkpoint needs every rank, so :class:`TrainJob` routes
+  the signal to the trainer's ``StopSignal`` (which also takes SIGTERM and SIGUSR1) on
+  every rank instead.  The ranks agree at the next step boundary, save a sharded
+  checkpoint together and return ``REQUEUE_EXIT_CODE``.
+* After a warning (USR2/USR1), rank 0 hands over to submitit's requeue path
+  (``checkpoint()`` -> a ``DelayedSubmission`` of the same job, dumped; ``scontrol
+  requeue``, or the local executor's restart code).  After a SIGTERM (preemption,
+  ``scancel``, ``scontrol requeue``) SLURM decides whether the job comes back.  Either way
+  no task writes a result, so a requeued job writes them when it finishes; it resumes from
+  the checkpoint: the state lives in ``train.output_dir``, never in the pickle.
 """
 from __future__ import annotations
 
@@ -90,7 +91,14 @@ class _ToTrainer:
         self.last = signum
         current = signal.getsignal(signal.SIGUSR1)
         if callable(current) and getattr(current, "__self__", None) is not self:
-            current(signal.SIGUSR1, frame)
+            current(signum, frame)
+
+
+def _trainer_stop_signal() -> int | None:
+    """The last stop signal the trainer's ``StopSignal`` recorded (its handlers stay
+    installed after ``main`` returns)."""
+    owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return getattr(owner, "received", None)
 
 
 def _export_local_ranks(env, port: int) -> None:
@@ -127,7 +135,13 @@ class TrainJob(_Checkpointable):
             _export_local_ranks(env, self.local_port or 29500)
         code = train.main(["--config", self.config, *self.overrides])
         if code == train.REQUEUE_EXIT_CODE:
-            self._requeue(env, router.last or signal.SIGTERM, started)
+            last = _trainer_stop_signal() or router.last or signal.SIGUSR1
+            if last == signal.SIGTERM:
+                # SLURM is ending the job (preemption, scancel, scontrol requeue, time limit):
+                # requeueing is SLURM's decision (a cancelled job must stay cancelled).  No
+                # result from any task: a requeued job writes them when it finishes.
+                sys.exit(train.REQUEUE_EXIT_CODE)
+            self._requeue(env, last, started)
         if code != 0:
             raise RuntimeError(f"the trainer exited with code {code}; see {self.run_dir}/logs")
         return json.loads((Path(self.run_dir) / "summary.json").read_text())
