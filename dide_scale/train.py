@@ -179,45 +179,48 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
              cfg.train.task, cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.micro_batch_size, accum,
              env.world_size, cfg.train.zero_stage, cfg.train.precision,
              "none" if teacher is None else ("ZeRO-3 partitioned" if engines.teacher_partitioned else "replicated"))
-    while st.step < cfg.train.max_steps:
-        log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
-        loss, parts, times = train_step(engines, task, batches, accum, timed=log_now,
-                                        poison=st.step + 1 in nan_steps)
-        st.step += 1
-        st.samples_seen += cfg.train.global_batch_size
-        # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
-        skipped_now = engines.student.skipped_steps
-        st.bad_steps = st.bad_steps + 1 if skipped_now > skipped_before else 0
-        skipped_before = skipped_now
-        metrics.add_step(parts, loss, times)
-        if log_now:
-            skipped, seen = loader.counters()
-            extra = {"optim/lr": engines.student.get_lr()[0], "optim/loss_scale": eng_mod.loss_scale(engines.student),
-                     "optim/skipped_steps": float(skipped_now), "progress/samples_seen": float(st.samples_seen)}
-            gn = eng_mod.grad_norm(engines.student)
-            if gn is not None:
-                extra["optim/grad_norm"] = gn
-            out = metrics.log(st.step, extra, {"data/skipped": skipped, "data/seen": seen})
-            if env.is_main:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps({"step": st.step, **out}) + "\n")
-        if probe is not None and (st.step % cfg.train.probe_every == 0 or st.step == 1):
-            log_attention_probe(task, engines, probe, metrics, st.step, cfg)
-        if st.bad_steps >= cfg.train.max_bad_steps:
-            log.error("%d consecutive non-finite steps: stopping (last good checkpoint kept)", st.bad_steps)
-            exit_code = 3
-            break
-        if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards:
-            last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)}
-        if agree(stop.received is not None, control):
-            log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
-            ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
-            exit_code = REQUEUE_EXIT_CODE
-            break
-        # no checkpoint inside a streak of non-finite steps: the newest stays one from before the fault
-        if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps \
-                and st.bad_steps == 0:
-            ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+    try:
+        while st.step < cfg.train.max_steps:
+            log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
+            loss, parts, times = train_step(engines, task, batches, accum, timed=log_now,
+                                            poison=st.step + 1 in nan_steps)
+            st.step += 1
+            st.samples_seen += cfg.train.global_batch_size
+            # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
+            skipped_now = engines.student.skipped_steps
+            st.bad_steps = st.bad_steps + 1 if skipped_now > skipped_before else 0
+            skipped_before = skipped_now
+            metrics.add_step(parts, loss, times)
+            if log_now:
+                skipped, seen = loader.counters()
+                extra = {"optim/lr": engines.student.get_lr()[0], "optim/loss_scale": eng_mod.loss_scale(engines.student),
+                         "optim/skipped_steps": float(skipped_now), "progress/samples_seen": float(st.samples_seen)}
+                gn = eng_mod.grad_norm(engines.student)
+                if gn is not None:
+                    extra["optim/grad_norm"] = gn
+                out = metrics.log(st.step, extra, {"data/skipped": skipped, "data/seen": seen})
+                if env.is_main:
+                    with open(history_path, "a") as f:
+                        f.write(json.dumps({"step": st.step, **out}) + "\n")
+            if probe is not None and (st.step % cfg.train.probe_every == 0 or st.step == 1):
+                log_attention_probe(task, engines, probe, metrics, st.step, cfg)
+            if st.bad_steps >= cfg.train.max_bad_steps:
+                log.error("%d consecutive non-finite steps: stopping (last good checkpoint kept)", st.bad_steps)
+                exit_code = 3
+                break
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards:
+                last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)}
+            if agree(stop.received is not None, control):
+                log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
+                ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+                exit_code = REQUEUE_EXIT_CODE
+                break
+            # no checkpoint inside a streak of non-finite steps: the newest stays one from before the fault
+            if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps \
+                    and st.bad_steps == 0:
+                ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+    finally:
+        batches.close()  # shut the data-loader workers down (they ignore stop signals)
     summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
     if exit_code == 0:
         final = ckpt.dir / f"step_{st.step:08d}"
@@ -334,7 +337,8 @@ def parse_args(argv: list[str] | None, prog: str = "dide-pretrain"):
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, prog: str = "dide-pretrain") -> int:
+def main(argv: list[str] | None = None, prog: str = "dide-pretrain", stop: StopSignal | None = None) -> int:
+    stop = stop or StopSignal()  # first: a signal during start-up must not be lost
     args = parse_args(argv, prog)
     try:
         env = distributed.detect()
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None, prog: str = "dide-pretrain") -> int:
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg, env, ds)
+    summary = run(cfg, env, ds, stop)
     return summary["exit_code"]
 
 

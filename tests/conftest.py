@@ -4,7 +4,16 @@ from __future__ import annotations
 import json
 import os
 
+import hashlib  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# the venv's tools first, and a DeepSpeed op cache of its own: two ninja versions sharing
+# ~/.cache/torch_extensions rebuild the CPU comm op (70 s) every time they alternate
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dide_scale" /
+                      f"torch_extensions-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -51,7 +51,8 @@ def job_env(slurm):
     # A private torch-extensions folder: DeepSpeed's CPU shm op is JIT-built, and the shared
     # ~/.cache/torch_extensions is rebuilt (~80 s) whenever ninja 1.11 (/usr/bin) and the
     # venv's ninja 1.13 take turns on it.  Same PATH here as in the jobs: same ninja.
-    ext = Path.home() / ".cache" / "dide_scale" / f"torch_extensions-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"
+    venv_id = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+    ext = Path.home() / ".cache" / "dide_scale" / f"torch_extensions-{venv_id}"
     env = slurm.env(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", DS_ACCELERATOR="cpu",
                     OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=str(ext),
                     PYTHONUNBUFFERED="1")
@@ -105,6 +106,7 @@ def complete_checkpoints(run_dir: Path) -> list[int]:
 
 def data_position(run_dir: Path, step: int) -> dict:
     own = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "dide_rank00000.pt", weights_only=True)
+    own["state"]["data"].pop("num_workers")  # 0 and 1 worker read the same single stream
     return own["state"]
 
 
@@ -178,9 +180,9 @@ def test_pretrain_sbatch_requeued_by_slurm(slurm, job_env, reference_run, demo_s
     requeues it itself; the ranks checkpoint within KillWait, the script must not requeue
     (the same path keeps a `scancel`led job cancelled)."""
     run_dir = tmp_path / "run"
-    # data.num_workers=0: DataLoader workers die on SIGTERM today (torch's C handler), which
-    # crashes the ranks instead of checkpointing; see the launcher report / docs/CLUSTER.md
-    job = sbatch_pretrain(slurm, job_env, tmp_path, tiny_overrides(demo_shards, run_dir, **RUN))
+    # with a data-loader worker: SLURM's SIGTERM reaches the workers too, and they must not die
+    job = sbatch_pretrain(slurm, job_env, tmp_path, tiny_overrides(demo_shards, run_dir, **{**RUN,
+                                                                                            "data.num_workers": 1}))
     wait_for_step(slurm, job, run_dir, 2)
     slurm.run("scontrol", "requeue", job)
     info = slurm.wait_state(job, {"COMPLETED"}, JOB_TIMEOUT)

@@ -214,6 +214,15 @@ class WdsBatches(IterableDataset):
         yield {"_worker": logical, "_state": final, "_end": True}
 
 
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """SLURM signals every process of a step, workers included; torch's worker handler would
+    die on SIGTERM and take the rank down before it can checkpoint.  The main process
+    decides (``train.StopSignal``) and shuts the workers down itself."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ResumableLoader:
     """DataLoader wrapper that records the position of every batch handed out and can
     restart from it; ``state_dict`` goes into the checkpoint."""
@@ -237,7 +246,8 @@ class ResumableLoader:
             self.ds.epoch = self.epoch
             loader = DataLoader(self.ds, batch_size=None, num_workers=nw, pin_memory=self.pin,
                                 persistent_workers=False, prefetch_factor=4 if nw else None,
-                                multiprocessing_context="fork" if nw else None)
+                                multiprocessing_context="fork" if nw else None,
+                                worker_init_fn=_worker_ignores_stop_signals if nw else None)
             for batch in loader:
                 w = batch.pop("_worker")
                 self.workers_state[w] = batch.pop("_state")

@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-
-log = logging.getLogger("dide_scale.launch")
 
 # SBATCH_* variables that sbatch itself reads would silently win over the script submitit
 # writes: the first four are our defaults instead, and all are removed before submitting.
