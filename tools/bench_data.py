@@ -201,17 +201,9 @@ class ProtoDecoder:
 
 
 def stack_shared(tensors: list):
-    """``torch.stack`` into shared memory when in a DataLoader worker (what torch's
-    ``default_collate`` does): the batch then crosses to the main process without the
-    second full copy that ``ForkingPickler`` makes (``UntypedStorage._share_fd_cpu_``)."""
-    import torch
-    from torch.utils.data import get_worker_info
-    out = None
-    if get_worker_info() is not None:
-        e = tensors[0]
-        storage = e._typed_storage()._new_shared(len(tensors) * e.numel(), device=e.device)
-        out = e.new(storage).resize_(len(tensors), *e.shape)
-    return torch.stack(tensors, 0, out=out)
+    """The shipped ``dide_scale.data.transforms.stack_shared`` (prototype A, now folded in)."""
+    from dide_scale.data.transforms import stack_shared as shipped
+    return shipped(tensors)
 
 
 class ProtoCollate:
