@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 PRESETS = {
     "debug": dict(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
-    "demo": dict(width=96, depth=4, heads=4, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
+    "demo": dict(width=64, depth=3, heads=4, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
     "b32": dict(width=768, depth=12, heads=12, patch_size=32, image_size=[384, 640], max_text_len=40,
                 vocab_size=30522),
 }

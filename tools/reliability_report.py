@@ -34,6 +34,11 @@ FAULTS = [
      "tests/test_faults.py::test_consecutive_nan_steps_stop_the_run_with_a_checkpoint_from_before"),
 ]
 STATIC = [
+    ("Preemption of a 2-node SLURM job", "`scancel --signal=USR1 --batch` (time-limit warning) and `scontrol requeue` "
+     "(SIGTERM to every process, data-loader workers included) on a real slurmctld/slurmd cluster on localhost",
+     "tests/test_slurm.py::test_pretrain_sbatch_preempted_and_requeued",
+     "both ranks checkpoint at the same step, the job is requeued (Restarts=1) and finishes; steps continuous, "
+     "losses equal to the uninterrupted 2-node run, final data position identical (also through dide-submit)"),
     ("Bad configuration and bad files", "unknown key, wrong type, impossible batch arithmetic, missing shards, "
      "teacher directory of the wrong kind, init directory that is not ours",
      "tests/test_faults.py::test_bad_configuration_and_files_fail_before_any_process_group",
