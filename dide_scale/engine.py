@@ -63,6 +63,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ds["zero_optimization"] = zero
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                          "use train.precision=bf16 or fp32 here")
     ds["bf16"] = {"enabled": t.precision == "bf16"}
     fp16 = dict(base.get("fp16", {}))
     fp16.update(enabled=t.precision == "fp16")
