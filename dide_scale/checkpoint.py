@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .fsutil import atomic_write_text
+
 log = logging.getLogger("dide_scale.checkpoint")
 COMPLETE = "COMPLETE.json"
 
@@ -66,15 +68,6 @@ def set_rng_state(st: dict) -> None:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def manifest(d: Path) -> dict[str, int]:
@@ -126,8 +119,8 @@ class Checkpointer:
         os.replace(tmp, d / f"dide_rank{_rank():05d}.pt")
         _barrier()  # every rank has written its shards and its state
         if _rank() == 0:
-            write_atomic(d / COMPLETE, json.dumps({"step": step, "world_size": _world(), "files": manifest(d)}))
-            write_atomic(self.dir / "latest", tag)
+            atomic_write_text(d / COMPLETE, json.dumps({"step": step, "world_size": _world(), "files": manifest(d)}))
+            atomic_write_text(self.dir / "latest", tag)
             self.purge()
         _barrier()
         return d

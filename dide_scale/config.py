@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .fsutil import atomic_write_text
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 TASKS = ("itm", "vqa", "nlvr2", "snli_ve")
 TASK_CLASSES = {"itm": 2, "nlvr2": 2, "snli_ve": 3}
@@ -433,12 +435,6 @@ def config_from_dict(data: dict) -> RunConfig:
 def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike, ds_config: dict | None = None) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     if ds_config is not None:
-        _atomic_write(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))

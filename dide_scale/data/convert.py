@@ -63,6 +63,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
+from ..fsutil import atomic_write_text
 from .shards import ShardWriter, jpeg_bytes, read_sizes, sample, write_sizes
 
 STATS = "convert_stats.json"
@@ -241,9 +242,7 @@ def write_shards(items: Iterable[Item], out_dir: PathLike, samples_per_shard: in
         s = {"out": str(out), "samples": sum(now.values()), "shards": len(now), "next_item": consumed,
              "resumed_after": sum(sizes.values()), "skipped": dict(sorted(skipped.items())), **(info or {}),
              "complete": complete}
-        tmp = out / (STATS + ".tmp")
-        tmp.write_text(json.dumps(s, indent=1))
-        os.replace(tmp, out / STATS)
+        atomic_write_text(out / STATS, json.dumps(s, indent=1))
         return {**s, "written": written}
 
     bar = tqdm(total=total, desc=desc, unit="item", disable=not progress, dynamic_ncols=True)

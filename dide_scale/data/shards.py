@@ -15,6 +15,8 @@ from pathlib import Path
 
 import webdataset as wds
 
+from ..fsutil import atomic_write_text
+
 SIZES = "sizes.json"
 
 
@@ -75,10 +77,7 @@ def read_sizes(d: str | os.PathLike) -> dict[str, int]:
 
 
 def write_sizes(d: str | os.PathLike, sizes: dict[str, int]) -> None:
-    p = Path(d) / SIZES
-    tmp = p.with_name(SIZES + ".tmp")
-    tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
-    os.replace(tmp, p)
+    atomic_write_text(Path(d) / SIZES, json.dumps(dict(sorted(sizes.items())), indent=1))
 
 
 def done_shards(d: str | os.PathLike) -> int:
