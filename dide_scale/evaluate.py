@@ -89,7 +89,7 @@ def write_vqa_submission(predictions: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import load_config
-    from .data.pipeline import build_loader
+    from .data.pipeline import answer_list, build_loader
     from .models.build import load_pretrained
     ap = argparse.ArgumentParser(prog="dide-eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="exported model directory (config.json + model.safetensors)")
@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "loss.attn_t2i=0", "loss.attn_i2t=0", "loss.soft_label=0",
                                     "loss.ground_truth=1"])
     loader = build_loader(cfg, "val")
-    from .data.demo import ANSWERS
-    answers = json.load(open(cfg.data.answer_vocab)) if cfg.data.answer_vocab else list(ANSWERS)
-    res = evaluate(model, loader, model.task, torch.device("cpu"), answers=answers if model.task == "vqa" else None,
-                   progress=True)
+    answers = answer_list(cfg) if model.task == "vqa" else None
+    res = evaluate(model, loader, model.task, torch.device("cpu"), answers=answers, progress=True)
     if args.vqa_json and "predictions" in res:
         write_vqa_submission(res["predictions"], args.vqa_json)
     res.pop("predictions", None)

@@ -81,7 +81,7 @@ def _reduce_mean(values: list[torch.Tensor]) -> list[float]:
     return t.cpu().tolist()
 
 
-def _reduce_sum_counts(counts: dict[str, float], device) -> dict[str, float]:
+def _reduce_sum_counts(counts: dict[str, float]) -> dict[str, float]:
     """Sum name->count dicts over ranks (names may differ between ranks)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return dict(counts)
@@ -124,8 +124,7 @@ class MetricsLogger:
             self.times[k] += v
         self.steps += 1
 
-    def log(self, step: int, extra: dict[str, float], counters: dict[str, dict[str, float]],
-            device: torch.device | None = None) -> dict[str, float]:
+    def log(self, step: int, extra: dict[str, float], counters: dict[str, dict[str, float]]) -> dict[str, float]:
         """Reduce across ranks, write, print; returns the scalars written."""
         now = time.perf_counter()
         elapsed = max(1e-9, now - self.t_last)
@@ -151,7 +150,7 @@ class MetricsLogger:
             out["memory/device_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out.update(extra)
         for group, counts in counters.items():
-            reduced = _reduce_sum_counts(counts, device)
+            reduced = _reduce_sum_counts(counts)
             out[f"{group}_total"] = float(sum(reduced.values()))
             for k, v in reduced.items():
                 out[f"{group}/{k}"] = v

@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class TrainState:
     step: int = 0
     samples_seen: int = 0
     bad_steps: int = 0
-    history: list = field(default_factory=list)
 
 
 def agree(flag: bool, group) -> bool:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from dide_scale.distributed import free_port
 
 CHILD = r"""
 import importlib, json, os, sys
@@ -20,12 +21,6 @@ out = getattr(importlib.import_module(mod), fn)(json.loads(os.environ["DIDE_TEST
 with open(os.environ["DIDE_TEST_OUT"] + f".{os.environ['RANK']}", "w") as f:
     json.dump(out, f)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(fn: str, world: int, args: dict, tmp: Path, timeout: int = 600) -> list:

@@ -1,5 +1,4 @@
 """DeepSpeed engines on CPU/gloo: 2 ranks at ZeRO-1/2/3 == 1 process on the same global batch."""
-import json
 
 import pytest
 import torch

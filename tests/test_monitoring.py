@@ -3,7 +3,6 @@ EventAccumulator."""
 import math
 
 import numpy as np
-import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -184,6 +184,9 @@ class WdsBatches(IterableDataset):
         names = [s.name for s in self.sources]
         buf: list[dict] = []
         bad_run = 0
+
+        def position() -> dict:  # this stream's resumable state plus its cumulative counters
+            return {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source)}
         for raw, src in stream:
             try:
                 buf.append(self.decode(raw))
@@ -202,13 +205,12 @@ class WdsBatches(IterableDataset):
                 skipped.update(stream.skipped)
                 stream.skipped.clear()
                 batch["_worker"] = logical
-                batch["_state"] = {"stream": stream.state(), "skipped": dict(skipped),
-                                   "per_source": dict(per_source)}
+                batch["_state"] = position()
                 yield batch
         # the stream ended (epoch mode): the tail batch (evaluation only; training drops it so
         # ranks agree on step counts), then a sample-less marker carrying the final counters
         skipped.update(stream.skipped)
-        final = {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source)}
+        final = position()
         if buf and not self.drop_last:
             yield {**self.collate(buf), "_worker": logical, "_state": final}
         yield {"_worker": logical, "_state": final, "_end": True}
@@ -281,20 +283,29 @@ class ResumableLoader:
         self.next_worker, self.batches, self.epoch = sd["next_worker"], sd["batches"], sd.get("epoch", 0)
 
 
+def answer_list(cfg) -> list[str]:
+    """The VQA answer vocabulary of a RunConfig (data.answer_vocab, or the demo's answers),
+    checked against data.num_answers."""
+    import json
+    from .demo import ANSWERS
+    if cfg.data.answer_vocab:
+        with open(cfg.data.answer_vocab) as f:
+            answers = json.load(f)
+    else:
+        answers = list(ANSWERS)
+    if len(answers) != cfg.data.num_answers:
+        raise ValueError(f"data.answer_vocab has {len(answers)} answers but data.num_answers="
+                         f"{cfg.data.num_answers}")
+    return answers
+
+
 def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch_size: int | None = None,
                  task: str | None = None) -> ResumableLoader:
     """The train (resampled, rank-split) or evaluation (one ordered pass, every rank reads
     the whole split) loader of a RunConfig."""
     from .transforms import Collate, SampleDecoder
-    from .demo import ANSWERS
-    import json
     task = task or cfg.train.task
-    answers = None
-    if task == "vqa":
-        answers = json.load(open(cfg.data.answer_vocab)) if cfg.data.answer_vocab else list(ANSWERS)
-        if len(answers) != cfg.data.num_answers:
-            raise ValueError(f"data.answer_vocab has {len(answers)} answers but data.num_answers="
-                             f"{cfg.data.num_answers}")
+    answers = answer_list(cfg) if task == "vqa" else None
     arch = cfg.student.arch
     decode = SampleDecoder(task, tuple(arch.image_size), cfg.data.max_image_pixels, answers)
     collate = Collate(cfg.data.tokenizer, arch.max_text_len)

@@ -258,7 +258,6 @@ def build_teacher(cfg) -> nn.Module | None:
 def check_pairing(teacher: nn.Module, cfg) -> None:
     """Fail early when the teacher's attention cannot be mapped onto the student's."""
     s = cfg.student.arch
-    t_width = getattr(teacher, "width", None) or teacher.shape.width
     t_heads = getattr(teacher, "num_heads", None)
     t_patch = getattr(teacher, "patch_size", None) or teacher.shape.patch_size
     if t_patch != s.patch_size:
@@ -268,4 +267,4 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
         if cfg.loss.head_map == "per_head" and t_heads != s.heads:
             raise ValueError(f"teacher has {t_heads} heads, student.arch.heads={s.heads}: "
                              "set loss.head_map=mean or match the head counts")
-    del t_width  # widths may differ: attention maps are compared, not hidden states
+    # widths may differ: attention maps are compared, not hidden states
