@@ -26,11 +26,11 @@ import torch
 log = logging.getLogger("dide_scale")
 
 
-def _base_overrides(data: Path, out: Path, steps: int, seed: int) -> list[str]:
+def _overrides(data: Path, out: Path, steps: int, seed: int, extra: list[str]) -> list[str]:
     return [f"data.train_shards={data}/vqa/train/{{00000..{_last(data / 'vqa' / 'train')}}}.tar",
             f"data.val_shards={data}/vqa/val/{{00000..{_last(data / 'vqa' / 'val')}}}.tar",
             f"train.output_dir={out}", f"train.max_steps={steps}", f"train.seed={seed}",
-            f"train.eval_every={max(steps // 4, 1)}"]
+            f"train.eval_every={max(steps // 4, 1)}", *extra]
 
 
 def _last(d: Path) -> str:
@@ -80,16 +80,14 @@ def run_seed(out: Path, data: Path, seed: int, teacher_steps: int, student_steps
              extra: list[str] = ()) -> dict:
     d = out / f"seed{seed}"
 
-    def _overrides(data, run, steps, seed):
-        return _base_overrides(data, run, steps, seed) + list(extra)
     res = {}
-    res["teacher"] = train_one("fusion teacher", _overrides(data, d / "teacher", teacher_steps, seed) + [
+    res["teacher"] = train_one("fusion teacher", _overrides(data, d / "teacher", teacher_steps, seed, extra) + [
         "student.kind=fusion"], config)
     if res["teacher"]["exit_code"]:
         raise RuntimeError("teacher training did not finish")
     res["no_distill"] = train_one("dual encoder, ground truth only", _overrides(
-        data, d / "no_distill", student_steps, seed), config)
-    res["dide"] = train_one("dual encoder, DiDE distillation", _overrides(data, d / "dide", student_steps, seed) + [
+        data, d / "no_distill", student_steps, seed, extra), config)
+    res["dide"] = train_one("dual encoder, DiDE distillation", _overrides(data, d / "dide", student_steps, seed, extra) + [
         f"teacher.path={d / 'teacher' / 'export'}", "loss.attn_t2i=1.0", "loss.attn_i2t=1.0",
         "loss.soft_label=1.0", "loss.ground_truth=0.0"], config)
     res["throughput"] = measure_throughput(d, data, config)

@@ -117,7 +117,6 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     from .checkpoint import Checkpointer
     from .data.pipeline import build_loader
     from .data.transforms import check_tokenizers, load_tokenizer
-    from .evaluate import evaluate
     from .metrics import MetricsLogger, model_flops_per_sample, peak_flops, setup_logging
     from .models.build import build_student, build_teacher
     from .task import DistillTask
@@ -208,7 +207,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
                 exit_code = 3
                 break
             if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards:
-                last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)}
+                last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step)}
             if agree(stop.received is not None, control):
                 log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
                 ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
@@ -229,7 +228,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             if last_eval.get("step") == st.step:  # evaluated at this very step already
                 summary["eval"] = last_eval["result"]
             else:
-                summary["eval"] = _evaluate(cfg, engines, metrics, st.step, evaluate, build_loader)
+                summary["eval"] = _evaluate(cfg, engines, metrics, st.step)
         if env.is_main:
             from .export import export_from_checkpoint
             export_from_checkpoint(run_dir, run_dir / "export", engines.student_module)
@@ -291,7 +290,9 @@ def _own_state(st: TrainState, loader) -> dict:
     return {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict()}
 
 
-def _evaluate(cfg, engines, metrics, step, evaluate, build_loader) -> dict:
+def _evaluate(cfg, engines, metrics, step) -> dict:
+    from .data.pipeline import build_loader
+    from .evaluate import evaluate
     loader = build_loader(cfg, "val", batch_size=max(cfg.train.micro_batch_size, 32))
     res = evaluate(engines.student_module, loader, cfg.train.task, engines.device, engines.dtype,
                    max_batches=cfg.train.eval_batches)

@@ -245,11 +245,11 @@ def build_teacher(cfg) -> nn.Module | None:
         from .hf_vilt import HFViltTeacher
         teacher = HFViltTeacher.from_pretrained(t.path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
     else:
-        teacher = load_pretrained(t.path, tap_layer=cfg.loss.teacher_layer)
-        read = read_model_config(t.path, ("dide_fusion",))
+        read = read_model_config(t.path, ("dide_fusion",))  # before loading: the clearer error first
         if read["task"] != cfg.train.task:
             raise ValueError(f"teacher.path={t.path}: the teacher was trained for task {read['task']!r} "
                              f"but train.task={cfg.train.task!r}")
+        teacher = load_pretrained(t.path, tap_layer=cfg.loss.teacher_layer)
     check_pairing(teacher, cfg)
     teacher.eval().requires_grad_(False)
     return teacher
