@@ -124,9 +124,27 @@ class LossConfig:
     """'per_head' (teacher and student head counts must match) or 'mean' (average heads)."""
     itc_temperature: float = 0.07
     """Initial temperature of the contrastive logits."""
+    attn_mse: float = 0.0
+    """DistillVLM: MSE between teacher and student self-attention probabilities of the
+    mapped blocks (valid tokens only; heads per loss.head_map). Needs student.kind=fusion."""
+    token_nce: float = 0.0
+    """DistillVLM: token-wise noise-contrastive loss of the mapped blocks' outputs against a
+    queue of teacher token states. Needs student.kind=fusion."""
+    layer_map: list[list[int]] = field(default_factory=list)
+    """[[teacher_block, student_block], ...] for attn_mse and token_nce (negative counts from
+    the end); empty: one pair per student block, student j <- teacher (j+1)*T/S - 1."""
+    nce_queue_size: int = 4096
+    """Teacher token states kept as negatives (per mapped pair; filled across ranks)."""
+    nce_temperature: float = 0.07
+    """Temperature of the token-wise contrastive logits (cosine similarity / T)."""
 
     def distills(self) -> bool:
-        return self.attn_t2i > 0 or self.attn_i2t > 0 or self.soft_label > 0
+        return (self.attn_t2i > 0 or self.attn_i2t > 0 or self.soft_label > 0 or self.attn_mse > 0
+                or self.token_nce > 0)
+
+    def layerwise(self) -> bool:
+        """DistillVLM's layer-to-layer losses are on (fusion student only)."""
+        return self.attn_mse > 0 or self.token_nce > 0
 
 
 @dataclass
@@ -260,21 +278,31 @@ class RunConfig:
         self.student.arch.check("student.arch")
         if self.student.kind not in ("dual", "fusion"):
             raise ConfigError(f"student.kind={self.student.kind!r} must be 'dual' or 'fusion'")
-        if self.student.kind == "fusion" and self.train.task == "itm":
-            raise ConfigError("student.kind=fusion supports the fine-tuning tasks, not train.task=itm")
+        if lo.layerwise() and self.student.kind != "fusion":
+            raise ConfigError("loss.attn_mse/token_nce distil a fusion student block by block; the dual encoder has "
+                              "no joint attention: set student.kind=fusion or set those weights to 0")
+        if self.student.kind == "fusion" and lo.itc > 0:
+            raise ConfigError("loss.itc needs separate text/image embeddings: set it to 0 for student.kind=fusion")
+        if lo.nce_queue_size <= 0:
+            raise ConfigError(f"loss.nce_queue_size={lo.nce_queue_size} must be > 0")
+        if lo.nce_temperature <= 0:
+            raise ConfigError("loss.nce_temperature must be > 0")
+        for i, pair in enumerate(lo.layer_map):
+            if len(pair) != 2:
+                raise ConfigError(f"loss.layer_map[{i}]={pair}: expected [teacher_block, student_block]")
         if self.teacher.kind not in ("fusion", "hf_vilt"):
             raise ConfigError(f"teacher.kind={self.teacher.kind!r} must be 'fusion' or 'hf_vilt'")
         if self.teacher.kind == "fusion":
             self.teacher.arch.check("teacher.arch")
         if lo.head_map not in ("per_head", "mean"):
             raise ConfigError(f"loss.head_map={lo.head_map!r} must be 'per_head' or 'mean'")
-        for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc"):
+        for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc", "attn_mse", "token_nce"):
             if getattr(lo, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0")
         if lo.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
         if lo.distills() and not self.teacher.path:
-            raise ConfigError("loss.attn_t2i/attn_i2t/soft_label are > 0 but teacher.path is empty: "
+            raise ConfigError("loss.attn_t2i/attn_i2t/soft_label/attn_mse/token_nce are > 0 but teacher.path is empty: "
                               "set teacher.path or set those weights to 0")
         if not lo.distills() and lo.ground_truth == 0 and lo.itc == 0:
             raise ConfigError("every loss weight is 0: set loss.ground_truth or a distillation weight")
@@ -284,10 +312,10 @@ class RunConfig:
                 f"loss.head_map=per_head needs teacher.arch.heads ({self.teacher.arch.heads}) == "
                 f"student.arch.heads ({self.student.arch.heads}); set loss.head_map=mean")
         if self.teacher.kind == "fusion" and lo.distills():
-            if self.teacher.arch.image_size != self.student.arch.image_size or \
-                    self.teacher.arch.patch_size != self.student.arch.patch_size:
-                raise ConfigError("teacher.arch.image_size/patch_size must equal student.arch's: "
-                                  "attention distillation compares the same patches")
+            problem = patch_alignment(self.teacher.arch.image_size, self.teacher.arch.patch_size,
+                                      self.student.arch.image_size, self.student.arch.patch_size)
+            if problem:
+                raise ConfigError(problem)
         if self.train.task == "vqa" and self.data.num_answers <= 1:
             raise ConfigError("data.num_answers must be > 1 for train.task=vqa")
         if self.data.train_weights and self.data.train_shards and \
@@ -305,6 +333,23 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def patch_alignment(t_size, t_patch: int, s_size, s_patch: int) -> str | None:
+    """None when the teacher's patch grid covers the image exactly as the student's does
+    (then each teacher token and student token see the same image region; the teacher gets
+    the pixels resampled to its resolution when the two differ), else the error message.
+    Used for the project's fusion teacher, whose position table fixes its grid."""
+    t_grid = [side // t_patch for side in t_size]
+    s_grid = [side // s_patch for side in s_size]
+    if t_grid == s_grid:
+        return None
+    want = [g * s_patch for g in t_grid]
+    return (f"visual tokens do not line up: the teacher sees a {t_grid[0]}x{t_grid[1]} patch grid "
+            f"(teacher.arch.image_size={list(t_size)}, patch_size={t_patch}) and the student a "
+            f"{s_grid[0]}x{s_grid[1]} grid (student.arch.image_size={list(s_size)}, patch_size={s_patch}); "
+            f"distillation compares token by token, so the grids must be equal: set "
+            f"student.arch.image_size={want} (teacher grid x student patch)")
 
 
 # -- building from dicts ----------------------------------------------------------------------

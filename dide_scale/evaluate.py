@@ -20,7 +20,7 @@ from .task import batch_to_device
 def model_logits(model, b: dict) -> torch.Tensor:
     """Logits of a DualEncoder or FusionEncoder/HF teacher for an evaluation batch."""
     out = model(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"))
-    return out[0] if isinstance(out, tuple) else out.logits  # HF adapter: tuple; ours: StudentOutput
+    return out.logits
 
 
 @torch.no_grad()

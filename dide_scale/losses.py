@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .models.attention import CrossQK, t2i_i2t
+from .models.attention import CrossQK, JointStates, cross_log_probs, t2i_i2t
 
 
 def map_heads(t_logp: torch.Tensor, s_logp: torch.Tensor, head_map: str):
@@ -115,3 +115,122 @@ def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, generat
     neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_img, neg_txt
+
+
+# -- DistillVLM (Fang et al., arXiv 2104.02096): layer-to-layer losses for a fusion student --
+
+def attention_mse(t_q: torch.Tensor, t_k: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
+                  mask: torch.Tensor, head_map: str = "per_head") -> torch.Tensor:
+    """MSE between teacher and student self-attention probabilities of one mapped block pair.
+
+    Probabilities are softmax(q k^T / sqrt(d)) over the valid keys (fp32); with
+    ``head_map='mean'`` both sides are first averaged over heads.  The mean runs over valid
+    (query, key) entries, heads and batch: padded text positions count neither as queries
+    nor as keys.  q/k: [B, H, N, D]; mask: [B, N] bool.
+    """
+    if t_q.shape[2] != s_q.shape[2]:
+        raise ValueError(f"teacher sequence of {t_q.shape[2]} tokens vs student {s_q.shape[2]}: they must see "
+                         "the same text tokens and image patches")
+    with torch.no_grad():
+        pt = cross_log_probs(t_q, t_k, mask).exp()
+    ps = cross_log_probs(s_q, s_k, mask).exp()
+    if head_map == "mean":
+        pt, ps = pt.mean(1, keepdim=True), ps.mean(1, keepdim=True)
+    elif pt.shape[1] != ps.shape[1]:
+        raise ValueError(f"teacher has {pt.shape[1]} heads and the student {ps.shape[1]}: per-head attention "
+                         "MSE needs equal counts; set loss.head_map=mean")
+    m = mask.to(ps.dtype)
+    valid = m[:, None, :, None] * m[:, None, None, :]  # [B, 1, N, N]
+    sq = (pt - ps).pow(2) * valid
+    return sq.sum() / (valid.sum() * ps.shape[1]).clamp_min(1.0)
+
+
+def layer_attention_mse(teacher: list[JointStates], student: list[JointStates], head_map: str) -> torch.Tensor:
+    """attention_mse averaged over mapped block pairs and image passes."""
+    vals = [attention_mse(tq, tk, sq, sk, s.mask, head_map)
+            for t, s in zip(teacher, student, strict=True)
+            for tq, tk, sq, sk in zip(t.q, t.k, s.q, s.k, strict=True)]
+    return torch.stack(vals).mean()
+
+
+def token_nce(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor,
+              negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Token-wise noise-contrastive loss of one mapped block pair.
+
+    For every valid token, the student's state (already projected to the teacher's width)
+    must pick the teacher's state of the same token out of {that state} + ``negatives``
+    (teacher token states from earlier batches, [K, C], L2-normalised).  Cosine similarity
+    / ``temperature``, cross-entropy, mean over valid tokens.  With an empty queue (the very
+    first step) the loss is 0.  student_h/teacher_h: [B, N, C]; mask: [B, N] bool.
+    """
+    s = F.normalize(student_h[mask].float(), dim=-1)  # [M, C]
+    t = F.normalize(teacher_h[mask].float(), dim=-1)
+    pos = (s * t).sum(-1, keepdim=True)
+    logits = torch.cat([pos, s @ negatives.float().t()], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+class TokenQueue:
+    """FIFO ring of L2-normalised teacher token states, one ring per mapped block pair.
+
+    ``push`` gathers the new tokens of every rank (in rank order, so the ring is identical
+    on all ranks and equal to a one-process run over the same global batch) and writes
+    them after the newest entries; when more arrive than fit, the newest ``size`` stay.
+    The ring is part of the checkpoint (``state_dict``), so a resumed run sees the same
+    negatives.
+    """
+
+    def __init__(self, n_pairs: int, size: int):
+        if size <= 0:
+            raise ValueError(f"loss.nce_queue_size={size} must be > 0")
+        self.n_pairs, self.size = n_pairs, size
+        self.buf: torch.Tensor | None = None  # [P, K, C] fp32, allocated on first push/load
+        self.ptr = 0
+        self.filled = 0
+
+    def negatives(self, pair: int, like: torch.Tensor) -> torch.Tensor:
+        """The valid entries of ``pair``'s ring ([filled, C]); empty before the first push."""
+        if self.buf is None:
+            return like.new_zeros(0, like.shape[-1], dtype=torch.float32)
+        return self.buf[pair, : self.filled]
+
+    @torch.no_grad()
+    def push(self, tokens: list[torch.Tensor]) -> None:
+        """``tokens``: per mapped pair, this rank's new teacher token states [M, C]."""
+        new = F.normalize(torch.stack([t.float() for t in tokens]), dim=-1)  # [P, M, C]
+        new = _gather_rows(new)
+        if self.buf is None:
+            self.buf = new.new_zeros(self.n_pairs, self.size, new.shape[-1])
+        elif self.buf.device != new.device:
+            self.buf = self.buf.to(new.device)
+        new = new[:, -self.size:]
+        m = new.shape[1]
+        idx = (self.ptr + torch.arange(m, device=new.device)) % self.size
+        self.buf = self.buf.index_copy(1, idx, new)  # out of place: this step's loss still holds the old ring
+        self.ptr = (self.ptr + m) % self.size
+        self.filled = min(self.size, self.filled + m)
+
+    def state_dict(self) -> dict:
+        return {"buf": None if self.buf is None else self.buf.cpu(), "ptr": self.ptr, "filled": self.filled,
+                "size": self.size, "n_pairs": self.n_pairs}
+
+    def load_state_dict(self, st: dict) -> None:
+        if (st["size"], st["n_pairs"]) != (self.size, self.n_pairs):
+            raise ValueError(f"the checkpoint's token queue holds {st['n_pairs']} x {st['size']} entries, the config "
+                             f"{self.n_pairs} x {self.size} (loss.nce_queue_size / loss.layer_map changed?)")
+        self.buf, self.ptr, self.filled = st["buf"], st["ptr"], st["filled"]
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[P, M_r, C] on each rank -> [P, sum_r M_r, C] in rank order (M may differ by rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[1]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(x.shape[0], max(counts), x.shape[2])
+    padded[:, : x.shape[1]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:, :c] for p, c in zip(parts, counts)], dim=1)

@@ -3,6 +3,12 @@
 ``training_forward(batch)`` returns the loss and its named parts.  The teacher is held
 outside the student's module tree, so it never reaches the optimizer or a student
 checkpoint, and it always runs in eval mode under ``no_grad``.
+
+Visual-token alignment: the teacher and the student must see the same image regions as
+the same tokens.  When their patch sizes differ but their patch grids are equal, the
+teacher gets the student's pixels resampled to ``grid x teacher patch`` (antialiased
+bilinear); grids that differ are refused when the models are built
+(``models.build.check_pairing``).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 
 from . import losses
 from .config import LossConfig
+from .models.attention import resolve_layer_map
 
 
 @dataclass
@@ -54,6 +61,18 @@ class DistillTask:
         if self.teacher_module is not None:
             self.teacher_module.eval()
             self.teacher_module.requires_grad_(False)
+        student_module = getattr(student, "module", student)
+        self.t_layers: tuple[int, ...] = ()
+        self.s_layers: tuple[int, ...] = ()
+        self.queue: losses.TokenQueue | None = None
+        self.teacher_image_size: list[int] | None = None
+        if self.teacher_module is not None:
+            self.teacher_image_size = teacher_pixels_size(self.teacher_module, student_module.shape)
+        if loss_cfg.layerwise():
+            t, s = resolve_layer_map(loss_cfg.layer_map, self.teacher_module.depth, student_module.shape.depth)
+            self.t_layers, self.s_layers = tuple(t), tuple(s)
+            if loss_cfg.token_nce > 0:
+                self.queue = losses.TokenQueue(len(t), loss_cfg.nce_queue_size)
 
     def train(self, mode: bool = True) -> "DistillTask":
         getattr(self.student, "module", self.student).train(mode)
@@ -61,49 +80,73 @@ class DistillTask:
             self.teacher_module.eval()  # never dropout / drop-path in the teacher
         return self
 
+    def teacher_pixels(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
+        """The student's pixels at the teacher's resolution (same patch grid, see the module doc)."""
+        if pixels is None or self.teacher_image_size is None:
+            return pixels
+        return F.interpolate(pixels, size=self.teacher_image_size, mode="bilinear", align_corners=False,
+                             antialias=True).clamp_(0, 1)
+
     @torch.no_grad()
-    def teacher_forward(self, b: dict, pairs, capture: bool):
-        """(logits, [CrossQK]) of the teacher on the rows the student scored."""
+    def teacher_forward(self, b: dict, pairs, capture: bool, layers: tuple[int, ...] = ()):
+        """The teacher's output (logits, CrossQKs, JointStates) on the rows the student scored."""
+        pixels, pixels2 = self.teacher_pixels(b["pixels"]), self.teacher_pixels(b.get("pixels2"))
+        kw = {"layers": layers} if layers else {}
         if pairs is not None:
             t_idx, i_idx = pairs
-            out = self.teacher(b["pixels"][i_idx], b["input_ids"][t_idx], b["attention_mask"][t_idx],
-                               capture=capture)
-        else:
-            out = self.teacher(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=capture)
-        return out if isinstance(out, tuple) else (out.logits, out.qk)
+            return self.teacher(pixels[i_idx], b["input_ids"][t_idx], b["attention_mask"][t_idx],
+                                capture=capture, **kw)
+        return self.teacher(pixels, b["input_ids"], b["attention_mask"], pixels2, capture=capture, **kw)
 
     def training_forward(self, b: dict, timed: bool = False) -> StepOutput:
         cfg = self.cfg
         capture = cfg.attn_t2i > 0 or cfg.attn_i2t > 0
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        kw = {"layers": self.s_layers} if self.s_layers else {}
         s = self.student(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"),
-                         capture=capture, itc=cfg.itc > 0)
+                         capture=capture, itc=cfg.itc > 0, **kw)
         parts: dict[str, torch.Tensor] = {}
         labels = self.labels(b, s)
         if self.teacher is not None and cfg.distills():
             if timed:
                 self._sync()
             t1 = time.perf_counter()
-            t_logits, t_qk = self.teacher_forward(b, s.pairs, capture)
+            t = self.teacher_forward(b, s.pairs, capture, self.t_layers)
             if timed:
                 self._sync()
                 timings["teacher_forward"] = time.perf_counter() - t1
             if capture:
-                parts["attn_t2i"], parts["attn_i2t"] = losses.cross_attention_losses(t_qk, s.qk, cfg.head_map)
+                parts["attn_t2i"], parts["attn_i2t"] = losses.cross_attention_losses(t.qk, s.qk, cfg.head_map)
             if cfg.soft_label > 0:
                 parts["soft_label"] = (losses.soft_label_bce if self.task == "vqa" else losses.soft_label_kl)(
-                    s.logits, t_logits, cfg.temperature)
+                    s.logits, t.logits, cfg.temperature)
+            if cfg.attn_mse > 0:
+                parts["attn_mse"] = losses.layer_attention_mse(t.states, s.states, cfg.head_map)
+            if self.queue is not None:
+                parts["token_nce"] = self.token_nce(t.states, s.states)
         if cfg.ground_truth > 0:
             parts["ground_truth"] = (losses.vqa_ground_truth(s.logits, labels) if self.task == "vqa"
                                      else F.cross_entropy(s.logits.float(), labels))
         if s.itc_loss is not None:
             parts["itc"] = s.itc_loss
         weights = {"attn_t2i": cfg.attn_t2i, "attn_i2t": cfg.attn_i2t, "soft_label": cfg.soft_label,
-                   "ground_truth": cfg.ground_truth, "itc": cfg.itc}
+                   "ground_truth": cfg.ground_truth, "itc": cfg.itc, "attn_mse": cfg.attn_mse,
+                   "token_nce": cfg.token_nce}
         loss = sum(weights[k] * v for k, v in parts.items())
         timings["student_forward"] = time.perf_counter() - t0 - timings.get("teacher_forward", 0.0)
         return StepOutput(loss, parts, s.logits, labels, timings)
+
+    def token_nce(self, teacher_states: list, student_states: list) -> torch.Tensor:
+        """Token NCE over mapped pairs and image passes against the queue as it was before this
+        micro-batch; then this micro-batch's teacher tokens (all ranks) join the queue."""
+        vals, new = [], [[] for _ in self.t_layers]
+        for t, s in zip(teacher_states, student_states, strict=True):
+            for p, (th, sh) in enumerate(zip(t.hidden, s.hidden, strict=True)):
+                vals.append(losses.token_nce(sh, th, s.mask, self.queue.negatives(p, th), self.cfg.nce_temperature))
+                new[p].append(th[s.mask])
+        self.queue.push([torch.cat(rows) for rows in new])
+        return torch.stack(vals).mean()
 
     def labels(self, b: dict, s) -> torch.Tensor | None:
         if self.task == "itm":  # rows: B positives then 2B mined negatives
@@ -112,3 +155,13 @@ class DistillTask:
             y[:n] = 1
             return y
         return b.get("labels")
+
+
+def teacher_pixels_size(teacher, student_shape) -> list[int] | None:
+    """The resolution the teacher must see so its patches cover the student's one to one, or
+    None when the student's pixels serve as they are (same patch size)."""
+    t_patch = getattr(teacher, "patch_size", None)
+    if t_patch is None or t_patch == student_shape.patch_size:
+        return None
+    grid = [side // student_shape.patch_size for side in student_shape.image_size]
+    return [g * t_patch for g in grid]

@@ -167,6 +167,11 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
         metrics.text("config/deepspeed", json.dumps(ds_config, indent=2))
     task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=eng_mod.synchronize)
     task.train()
+    if saved is not None and task.queue is not None:
+        if "token_queue" in saved["state"]:
+            task.queue.load_state_dict(saved["state"]["token_queue"])
+        else:
+            log.warning("the checkpoint has no token queue (loss.token_nce was off): it refills from empty")
     batches = iter(loader)
     nan_steps = injected_nan_steps()
     last_eval: dict = {}
@@ -210,20 +215,20 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
                 last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step)}
             if agree(stop.received is not None, control):
                 log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
-                ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+                ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
                 exit_code = REQUEUE_EXIT_CODE
                 break
             # no checkpoint inside a streak of non-finite steps: the newest stays one from before the fault
             if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps \
                     and st.bad_steps == 0:
-                ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+                ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
     finally:
         batches.close()  # shut the data-loader workers down (they ignore stop signals)
     summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
     if exit_code == 0:
         final = ckpt.dir / f"step_{st.step:08d}"
         if not final.exists():
-            ckpt.save(engines.student, st.step, _own_state(st, loader), cfg.to_dict())
+            ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
         if cfg.data.val_shards and cfg.train.task != "itm":
             if last_eval.get("step") == st.step:  # evaluated at this very step already
                 summary["eval"] = last_eval["result"]
@@ -270,7 +275,7 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     module.eval()
     s = module(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=True)
     module.train(was)
-    _, t_qk = task.teacher_forward(b, s.pairs, capture=True)
+    t_qk = task.teacher_forward(b, s.pairs, capture=True).qk
     if metrics.writer is None:
         return
     n_txt = int(b["attention_mask"][0].sum())
@@ -286,8 +291,11 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     metrics.image("attention/teacher_vs_student", img, step)
 
 
-def _own_state(st: TrainState, loader) -> dict:
-    return {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict()}
+def _own_state(st: TrainState, loader, task) -> dict:
+    state = {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict()}
+    if task.queue is not None:  # identical on every rank; survives a world-size change
+        state["token_queue"] = task.queue.state_dict()
+    return state
 
 
 def _evaluate(cfg, engines, metrics, step) -> dict:

@@ -62,8 +62,10 @@ def test_cross_attention_and_logits_match_transformers(vqa_dir, tap_layer, size)
 
     pixels, ids, mask = inputs(*size)
     with torch.no_grad():
-        logits, qks = teacher(pixels, ids, mask, capture=True)
-        logits_nocap, none = teacher(pixels, ids, mask)
+        out = teacher(pixels, ids, mask, capture=True)
+        logits, qks = out.logits, out.qk
+        plain = teacher(pixels, ids, mask)
+        logits_nocap, none = plain.logits, plain.qk
     assert none == [] and len(qks) == 1
     torch.testing.assert_close(logits, logits_nocap, rtol=0, atol=0)
     qk = qks[0]
@@ -89,6 +91,29 @@ def test_cross_attention_and_logits_match_transformers(vqa_dir, tap_layer, size)
     torch.testing.assert_close(i2t.exp(), ref_i2t, rtol=0, atol=1e-5)  # every image row is valid
     # padded text keys get no mass
     assert i2t.exp()[0, :, :, 4:].max() < 1e-6
+
+
+def test_joint_states_for_layer_distillation_match_transformers(vqa_dir):
+    """layers=(...): each block's attention (from the hooked q/k) equals transformers' eager
+    attention over valid keys, and the block outputs are its hidden_states."""
+    from dide_scale.models.attention import cross_log_probs
+    teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
+    pixels, ids, mask = inputs()
+    with torch.no_grad():
+        out = teacher(pixels, ids, mask, layers=(1, 0))
+        ref = ViltForQuestionAnswering.from_pretrained(vqa_dir, attn_implementation="eager").eval()
+        image_embeds = teacher.embed_image(pixels)
+        want = ref(input_ids=ids, attention_mask=mask, image_embeds=image_embeds,
+                   pixel_mask=torch.ones(B, 1, image_embeds.shape[1], dtype=torch.long),
+                   output_attentions=True, output_hidden_states=True)
+    (st,) = out.states
+    torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=1e-6)
+    assert torch.equal(st.mask[:, :NT], mask.bool()) and st.mask[:, NT:].all()
+    for i, layer in enumerate((1, 0)):
+        probs = cross_log_probs(st.q[i], st.k[i], st.mask).exp()
+        rows = st.mask[:, None, :, None].expand_as(probs)
+        torch.testing.assert_close(probs[rows], want.attentions[layer][rows], rtol=0, atol=1e-5)
+        torch.testing.assert_close(st.hidden[i], want.hidden_states[layer + 1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80), (96, 32)])
@@ -121,7 +146,8 @@ def test_nlvr2_two_passes(tmp_path):
     pixels, ids, mask = inputs()
     pixels2 = torch.rand_like(pixels)
     with torch.no_grad():
-        logits, qks = teacher(pixels, ids, mask, pixels2, capture=True)
+        out = teacher(pixels, ids, mask, pixels2, capture=True)
+        logits, qks = out.logits, out.qk
         embeds = torch.stack([teacher.embed_image(pixels), teacher.embed_image(pixels2)], 1)
         pm = torch.ones(B, 2, 1, embeds.shape[2], dtype=torch.long)
         want = ref(input_ids=ids, attention_mask=mask, image_embeds=embeds, pixel_mask=pm).logits
@@ -141,7 +167,7 @@ def test_itm_logits_and_plain_model_refused(tmp_path):
     teacher = HFViltTeacher.from_pretrained(tmp_path / "itm", "itm")
     pixels, ids, mask = inputs()
     with torch.no_grad():
-        logits, _ = teacher(pixels, ids, mask)
+        logits = teacher(pixels, ids, mask).logits
         score = ref(input_ids=ids, attention_mask=mask, image_embeds=teacher.embed_image(pixels),
                     pixel_mask=torch.ones(B, 1, 17, dtype=torch.long)).logits
     assert logits.shape == (B, 2) and teacher.num_classes == 2
@@ -165,7 +191,7 @@ def test_snli_ve_needs_three_labels(vqa_dir, tmp_path):
     torch.manual_seed(0)
     save(ViltForQuestionAnswering(tiny_config(num_labels=3)), tmp_path)
     teacher = HFViltTeacher.from_pretrained(tmp_path, "snli_ve")
-    logits, _ = teacher(*inputs())
+    logits = teacher(*inputs()).logits
     assert logits.shape == (B, 3) and teacher.num_classes == 3
 
 

@@ -40,6 +40,46 @@ class CrossQK:
                        self.k_image[image_idx], self.text_mask[text_idx], im)
 
 
+@dataclass
+class JointStates:
+    """What layer-to-layer distillation of a fusion model needs, for the mapped blocks of one
+    (text, image) pass over the joint sequence ``[text ; image]``.
+
+    ``q``/``k``: per mapped block, [B, H, N, D]; ``hidden``: per mapped block, the block's
+    output [B, N, C] (a student maps it to the teacher's width with its ``distill_proj``);
+    ``mask``: [B, N] bool, True = real token (padded text positions are False).
+    """
+
+    q: list[torch.Tensor]
+    k: list[torch.Tensor]
+    hidden: list[torch.Tensor]
+    mask: torch.Tensor
+
+
+def resolve_layer_map(layer_map: list[list[int]], teacher_depth: int, student_depth: int
+                      ) -> tuple[list[int], list[int]]:
+    """``loss.layer_map`` -> (teacher blocks, student blocks), 0-based, in map order.
+
+    Empty map: one pair per student block, student block j <- teacher block
+    ``(j + 1) * teacher_depth // student_depth - 1`` (the last blocks line up, every
+    ``teacher_depth / student_depth``-th teacher block is used, as TinyBERT / DistillVLM do).
+    """
+    if not layer_map:
+        if student_depth > teacher_depth:
+            raise ValueError(f"the student has {student_depth} blocks and the teacher {teacher_depth}: "
+                             "give loss.layer_map explicitly")
+        pairs = [[(j + 1) * teacher_depth // student_depth - 1, j] for j in range(student_depth)]
+    else:
+        pairs = layer_map
+    t_layers, s_layers = [], []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"loss.layer_map[{i}]={pair}: expected [teacher_block, student_block]")
+        t_layers.append(resolve_layer(pair[0], teacher_depth, f"loss.layer_map[{i}][0] (teacher block)"))
+        s_layers.append(resolve_layer(pair[1], student_depth, f"loss.layer_map[{i}][1] (student block)"))
+    return t_layers, s_layers
+
+
 def cross_log_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """log softmax(q k^T / sqrt(d)) over the *valid* keys, computed in fp32.
 

@@ -28,6 +28,8 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, state_dict: di
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
+    drop = getattr(model, "training_only", ())
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / WEIGHTS))
     (tmp / "config.json").write_text(json.dumps(model.export_config(), indent=2))
     if out.exists():
@@ -221,9 +223,16 @@ def build_student(cfg) -> nn.Module:
     shape = TowerShape.from_arch(cfg.student.arch)
     if cfg.student.kind == "fusion":
         model = FusionEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
+        if cfg.loss.token_nce > 0:
+            n_pairs = len(cfg.loss.layer_map) or shape.depth
+            model.add_distill_projections(n_pairs, teacher_width(cfg))
         if cfg.student.init.startswith("export:"):
             src = load_pretrained(cfg.student.init[7:], task=cfg.train.task, num_classes=cfg.num_classes())
-            model.load_state_dict(src.state_dict())
+            missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+            missing = [k for k in missing if not k.startswith(model.training_only)]
+            if missing or unexpected:
+                raise ValueError(f"student.init={cfg.student.init!r}: weights do not match student.arch: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         elif cfg.student.init != "random":
             raise ValueError(f"student.init={cfg.student.init!r}: a fusion student takes random or export:DIR")
         if cfg.student.grad_checkpointing:
@@ -255,16 +264,41 @@ def build_teacher(cfg) -> nn.Module | None:
     return teacher
 
 
+def teacher_width(cfg) -> int:
+    """Hidden size of the configured teacher, read from its config.json (token NCE projects
+    the student's states to it)."""
+    if cfg.teacher.kind == "hf_vilt":
+        return int(read_model_config(cfg.teacher.path, ("vilt",))["hidden_size"])
+    return int(read_model_config(cfg.teacher.path, ("dide_fusion",))["shape"]["width"])
+
+
 def check_pairing(teacher: nn.Module, cfg) -> None:
-    """Fail early when the teacher's attention cannot be mapped onto the student's."""
+    """Fail early when the teacher's tokens or attention cannot be mapped onto the student's.
+
+    Visual tokens: a transformers ViLT teacher takes any multiple of its patch size, so it
+    gets the student's patch grid at its own patch size (the task resamples the pixels); the
+    project's fusion teacher has a fixed position table, so its grid must equal the student's.
+    """
+    from ..config import patch_alignment
+    from .attention import resolve_layer_map
     s = cfg.student.arch
-    t_heads = getattr(teacher, "num_heads", None)
-    t_patch = getattr(teacher, "patch_size", None) or teacher.shape.patch_size
-    if t_patch != s.patch_size:
-        raise ValueError(f"teacher patch size {t_patch} != student.arch.patch_size={s.patch_size}: "
-                         "attention distillation needs the same patches")
-    if cfg.loss.attn_t2i > 0 or cfg.loss.attn_i2t > 0:
+    t_heads = teacher.num_heads
+    t_patch = teacher.patch_size
+    if not isinstance(t_patch, int):
+        raise ValueError(f"the teacher has non-square patches {t_patch}: the student's square patches cannot "
+                         "line up with them")
+    if isinstance(teacher, FusionEncoder):
+        problem = patch_alignment(teacher.shape.image_size, t_patch, s.image_size, s.patch_size)
+        if problem:
+            raise ValueError(problem.replace("teacher.arch.", f"the teacher at teacher.path={cfg.teacher.path}: "))
+    if cfg.loss.attn_t2i > 0 or cfg.loss.attn_i2t > 0 or cfg.loss.attn_mse > 0:
         if cfg.loss.head_map == "per_head" and t_heads != s.heads:
             raise ValueError(f"teacher has {t_heads} heads, student.arch.heads={s.heads}: "
                              "set loss.head_map=mean or match the head counts")
-    # widths may differ: attention maps are compared, not hidden states
+    if cfg.loss.layerwise():
+        try:
+            resolve_layer_map(cfg.loss.layer_map, teacher.depth, s.depth)
+        except ValueError as e:
+            raise ValueError(f"loss.layer_map does not fit the teacher ({teacher.depth} blocks) and the student "
+                             f"({s.depth} blocks): {e}") from None
+    # widths may differ: attention maps are compared, and token NCE projects to the teacher's width

@@ -11,8 +11,9 @@ from dataclasses import asdict
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import CrossQK, QKTap, additive_mask, resolve_layer
+from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
 from .student import Normalize, StudentOutput, TowerShape, bert_embeddings, mlp_head
 
 
@@ -20,7 +21,15 @@ class FusionEncoder(nn.Module):
     """ViLT-style fusion model with a task head.
 
     ``forward`` returns the task logits; with ``capture=True`` it also returns one
-    :class:`CrossQK` per image (two for NLVR2) cut from the joint sequence at ``tap_layer``.
+    :class:`CrossQK` per image (two for NLVR2) cut from the joint sequence at ``tap_layer``;
+    with ``layers=(i, j, ...)`` one :class:`JointStates` per image with those blocks'
+    queries, keys and outputs (layer-to-layer distillation, DistillVLM).
+
+    For ``task='itm'`` in training mode the rows are [positives; (text, other image);
+    (other text, image)] with the other image/text drawn at random from the micro-batch
+    (never the pair itself; a fusion model has no cheap similarity to mine hard negatives
+    with), as the dual encoder's rows; ``pairs`` says which text and image each row used.
+    In eval mode (a teacher, or scoring) it scores the rows it is given.
     """
 
     def __init__(self, shape: TowerShape, task: str, num_classes: int, tap_layer: int = -1):
@@ -44,11 +53,32 @@ class FusionEncoder(nn.Module):
         else:
             self.head = mlp_head(h, 2 * h, num_classes)
         self.tap_layer = resolve_layer(tap_layer, shape.depth, "loss.teacher_layer")
-        self.tap = QKTap(self.vit.blocks[self.tap_layer].attn.qkv, shape.heads)
+        self.taps = [QKTap(blk.attn.qkv, shape.heads) for blk in self.vit.blocks]  # idle unless enabled
+        self.distill_proj: nn.ModuleList | None = None
 
     @property
     def num_heads(self) -> int:
         return self.shape.heads
+
+    @property
+    def depth(self) -> int:
+        return self.shape.depth
+
+    @property
+    def width(self) -> int:
+        return self.shape.width
+
+    @property
+    def patch_size(self) -> int:
+        return self.shape.patch_size
+
+    def add_distill_projections(self, n: int, teacher_width: int) -> None:
+        """Linear maps of the student's block outputs to the teacher's width (token NCE), one
+        per mapped block pair.  Trained with the student, dropped from exports."""
+        self.distill_proj = nn.ModuleList(nn.Linear(self.shape.width, teacher_width) for _ in range(n))
+
+    # state-dict prefixes that exist only for training (save_pretrained drops them)
+    training_only = ("distill_proj.",)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
@@ -57,8 +87,9 @@ class FusionEncoder(nn.Module):
         x = self.vit._pos_embed(self.vit.patch_embed(self.normalize(pixels)))  # [CLS] + patches
         return x + self.token_type.weight[type_id]
 
-    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False):
-        """Pooled state of one (text, image) pass, and its CrossQK when capturing."""
+    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
+              layers: tuple[int, ...] = ()):
+        """(pooled state, CrossQK or None, JointStates or None) of one (text, image) pass."""
         text = self.text_embeddings(input_ids=input_ids) + self.token_type.weight[0]
         image = self.embed_image(pixels, type_id)
         nt = text.shape[1]
@@ -66,29 +97,57 @@ class FusionEncoder(nn.Module):
         mask = torch.cat([attention_mask.bool(),
                           torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
         add = additive_mask(mask, x.dtype)
-        self.tap.enabled = capture
-        for blk in self.vit.blocks:
-            x = blk(x, attn_mask=add)
-        x = self.vit.norm(x)
-        pooled = self.pooler(x[:, 0])
-        if not capture:
-            return pooled, None
-        q, k = self.tap.take()
-        self.tap.enabled = False
-        qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
-        return pooled, qk
+        tapped = set(layers) | ({self.tap_layer} if capture else set())
+        for i in tapped:
+            self.taps[i].enabled = True
+        hidden = {}
+        try:
+            for i, blk in enumerate(self.vit.blocks):
+                if self.vit.grad_checkpointing and self.training:
+                    x = checkpoint(blk, x, add, use_reentrant=False)
+                else:
+                    x = blk(x, attn_mask=add)
+                if i in layers:
+                    hidden[i] = x
+            qks = {i: self.taps[i].take() for i in tapped}
+        finally:
+            for i in tapped:
+                self.taps[i].enabled = False
+        pooled = self.pooler(self.vit.norm(x)[:, 0])
+        qk = states = None
+        if capture:
+            q, k = qks[self.tap_layer]
+            qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
+        if layers:
+            h = [hidden[i] for i in layers]
+            if self.distill_proj is not None:
+                if len(self.distill_proj) != len(layers):
+                    raise ValueError(f"{len(layers)} mapped blocks but {len(self.distill_proj)} distillation "
+                                     "projections (loss.layer_map changed since the model was built?)")
+                h = [proj(v) for proj, v in zip(self.distill_proj, h)]
+            states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers], h, mask)
+        return pooled, qk, states
 
     def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
-                itc: bool = False) -> StudentOutput:
+                itc: bool = False, layers: tuple[int, ...] = ()) -> StudentOutput:
         if itc:
             raise ValueError("a fusion model has no separate embeddings for a contrastive loss")
-        pooled, qk = self.joint(pixels, input_ids, attention_mask, 1, capture)
+        pairs = None
+        if self.task == "itm" and self.training:
+            pairs = random_negative_rows(input_ids.shape[0], input_ids.device)
+            t_idx, i_idx = pairs
+            pixels, input_ids, attention_mask = pixels[i_idx], input_ids[t_idx], attention_mask[t_idx]
+        pooled, qk, states = self.joint(pixels, input_ids, attention_mask, 1, capture, layers)
+        out = StudentOutput(None, [qk] if capture else [], pairs, states=[states] if layers else [])
         if self.task == "nlvr2":
             if pixels2 is None:
                 raise ValueError("nlvr2 needs two images")
-            pooled2, qk2 = self.joint(pixels2, input_ids, attention_mask, 2, capture)
-            return StudentOutput(self.head(torch.cat([pooled, pooled2], -1)), [qk, qk2] if capture else [])
-        return StudentOutput(self.head(pooled), [qk] if capture else [])
+            pooled2, qk2, states2 = self.joint(pixels2, input_ids, attention_mask, 2, capture, layers)
+            out.qk += [qk2] if capture else []
+            out.states += [states2] if layers else []
+            pooled = torch.cat([pooled, pooled2], -1)
+        out.logits = self.head(pooled)
+        return out
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.pooler.parameters(), *self.head.parameters()]
@@ -96,3 +155,14 @@ class FusionEncoder(nn.Module):
     def export_config(self) -> dict:
         return {"model_type": "dide_fusion", "task": self.task, "num_classes": self.num_classes,
                 "shape": asdict(self.shape)}
+
+
+def random_negative_rows(b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_idx, image_idx) [3B]: B positives, B (text, another image), B (another text, image);
+    "another" is uniform over the rest of the micro-batch (global torch RNG, checkpointed)."""
+    if b < 2:
+        raise ValueError("ITM negatives need a micro-batch of at least 2 pairs")
+    ar = torch.arange(b, device=device)
+    other_img = (ar + torch.randint(1, b, (b,)).to(device)) % b
+    other_txt = (ar + torch.randint(1, b, (b,)).to(device)) % b
+    return torch.cat([ar, ar, other_txt]), torch.cat([ar, other_img, ar])

@@ -3,12 +3,15 @@
 :class:`HFViltTeacher` has the call interface of the project's own
 :class:`~dide_scale.models.fusion.FusionEncoder`::
 
-    logits, qks = teacher(pixels, input_ids, attention_mask, pixels2=None, capture=False)
+    out = teacher(pixels, input_ids, attention_mask, pixels2=None, capture=False, layers=())
+    out.logits, out.qk, out.states   # a StudentOutput
 
 ``pixels`` are in [0, 1] ([B, 3, H, W]); the adapter applies the checkpoint's own image
 normalisation (``preprocessor_config.json``'s ``image_mean``/``image_std``, else ViLT's
-0.5/0.5).  ``qks`` holds one :class:`CrossQK` per image pass (two for NLVR2) when
-``capture`` is set, else it is empty.
+0.5/0.5).  ``out.qk`` holds one :class:`CrossQK` per image pass (two for NLVR2) when
+``capture`` is set, else it is empty; ``out.states`` one :class:`JointStates` per image
+pass for the blocks in ``layers`` (queries/keys from hooks, block outputs from
+``output_hidden_states``), for layer-to-layer distillation into a small fusion student.
 
 Patch order.  ``ViltEmbeddings.visual_embed`` shuffles the patches with
 ``torch.multinomial`` whenever every patch is valid (and keeps a random subset when
@@ -44,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossQK, resolve_layer
-from .student import VILT_MEAN, VILT_STD, Normalize
+from .attention import CrossQK, JointStates, resolve_layer
+from .student import VILT_MEAN, VILT_STD, Normalize, StudentOutput
 
 TASK_CLASSES = {
     "itm": "ViltForImageAndTextRetrieval",
@@ -130,8 +133,8 @@ class HFViltTeacher(nn.Module):
         self.max_text_len = int(cfg.max_position_embeddings)
         self.num_classes = 2 if task == "itm" else int(cfg.num_labels)
         self.tap_layer = resolve_layer(tap_layer, self.depth, "loss.teacher_layer")
-        attn = self.vilt.encoder.layer[self.tap_layer].attention.attention
-        self._tap = _QKCapture(attn.query, attn.key, self.num_heads)
+        self._taps = [_QKCapture(layer.attention.attention.query, layer.attention.attention.key, self.num_heads)
+                      for layer in self.vilt.encoder.layer]  # idle unless enabled
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -219,40 +222,53 @@ class HFViltTeacher(nn.Module):
         cls_tok = (emb.cls_token + table[:, :1, :]).expand(b, -1, -1)
         return emb.dropout(torch.cat([cls_tok.to(x.dtype), x], dim=1))
 
-    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False):
-        """Pooled output of one (text, image) pass, and its CrossQK when capturing."""
+    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
+              layers: tuple[int, ...] = ()):
+        """(pooled output, CrossQK or None, JointStates or None) of one (text, image) pass."""
         nt = input_ids.shape[1]
         if nt > self.max_text_len:
             raise ValueError(f"text has {nt} tokens but the ViLT teacher has only {self.max_text_len} "
                              f"text positions (max_position_embeddings); truncate to {self.max_text_len}")
         image = self.embed_image(pixels)
         pixel_mask = torch.ones(image.shape[0], 1, image.shape[1], dtype=torch.long, device=image.device)
-        self._tap.enabled = capture
+        tapped = set(layers) | ({self.tap_layer} if capture else set())
+        for i in tapped:
+            self._taps[i].enabled = True
         try:
             out = self.vilt(input_ids=input_ids, attention_mask=attention_mask.long(), image_embeds=image,
-                            pixel_mask=pixel_mask, image_token_type_idx=type_id, return_dict=True)
+                            pixel_mask=pixel_mask, image_token_type_idx=type_id, return_dict=True,
+                            output_hidden_states=bool(layers))
+            qks = {i: self._taps[i].take() for i in tapped}
         finally:
-            self._tap.enabled = False
-        if not capture:
-            return out.pooler_output, None
-        q, k = self._tap.take()
-        qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
-        return out.pooler_output, qk
+            for i in tapped:
+                self._taps[i].enabled = False
+        qk = states = None
+        if capture:
+            q, k = qks[self.tap_layer]
+            qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
+        if layers:
+            mask = torch.cat([attention_mask.bool(), pixel_mask[:, 0].bool()], dim=1)
+            states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers],
+                                 [out.hidden_states[i + 1] for i in layers], mask)  # [0] is the embeddings
+        return out.pooler_output, qk, states
 
-    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False):
-        pooled, qk = self.joint(pixels, input_ids, attention_mask, 1, capture)
+    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
+                layers: tuple[int, ...] = ()) -> StudentOutput:
+        pooled, qk, states = self.joint(pixels, input_ids, attention_mask, 1, capture, layers)
+        out = StudentOutput(None, [qk] if capture else [], states=[states] if layers else [])
         if self.task == "nlvr2":
             if pixels2 is None:
                 raise ValueError("nlvr2 needs two images")
-            pooled2, qk2 = self.joint(pixels2, input_ids, attention_mask, 2, capture)
-            logits = self.model.classifier(torch.cat([pooled, pooled2], dim=-1))
-            return logits, [qk, qk2] if capture else []
-        if self.task == "itm":
+            pooled2, qk2, states2 = self.joint(pixels2, input_ids, attention_mask, 2, capture, layers)
+            out.qk += [qk2] if capture else []
+            out.states += [states2] if layers else []
+            out.logits = self.model.classifier(torch.cat([pooled, pooled2], dim=-1))
+        elif self.task == "itm":
             s = self.model.rank_output(pooled)  # [B, 1]: the "match" logit
-            logits = torch.cat([-0.5 * s, 0.5 * s], dim=-1)
+            out.logits = torch.cat([-0.5 * s, 0.5 * s], dim=-1)
         else:
-            logits = self.model.classifier(pooled)
-        return logits, [qk] if capture else []
+            out.logits = self.model.classifier(pooled)
+        return out
 
 
 def _three(v, name: str, path: Path) -> list[float]:

@@ -16,7 +16,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from ..losses import contrastive, mine_hard_negatives
-from .attention import CrossQK, QKTap, additive_mask, resolve_layer
+from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
 
 
 @dataclass
@@ -125,10 +125,16 @@ class TextTower(nn.Module):
 
 @dataclass
 class StudentOutput:
+    """What a model call returns (students, and the teachers in the same shape):
+    ``logits``; ``qk`` one CrossQK per image pass when capturing; ``pairs`` (text_idx,
+    image_idx) of each row for ITM; ``itc_loss``; ``states`` one JointStates per image pass
+    of a fusion model asked for ``layers``."""
+
     logits: torch.Tensor | None
     qk: list[CrossQK]
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None
     itc_loss: torch.Tensor | None = None
+    states: list[JointStates] = field(default_factory=list)
 
 
 class DualEncoder(nn.Module):
