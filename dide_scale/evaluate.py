@@ -65,16 +65,66 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
 
 
 @torch.no_grad()
-def retrieval_recall(text_emb: torch.Tensor, image_emb: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@k for text->image and image->text with pair i <-> i as the positive."""
-    sim = text_emb.float() @ image_emb.float().t()
-    target = torch.arange(sim.shape[0], device=sim.device)
+def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor | None = None, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways from a [M texts, N images] score matrix.
+
+    ``text_image[j]`` is the index of text j's image (default: j, one caption per image).
+    t2i: a text is a hit when its image is in its top k.  i2t: an image is a hit when any
+    of its captions is in its top k (the COCO/Flickr convention with 5 captions per image);
+    images without a caption are not counted.  Ties do not count against the positive.
+    """
+    sim = sim.float()
+    m, n = sim.shape
+    target = torch.arange(m, device=sim.device) if text_image is None else text_image.to(sim.device)
+    t2i_rank = (sim > sim.gather(1, target[:, None])).sum(1)  # images that beat the positive, per text
+    cols = sim.t()[target]  # [M, M]: row j = scores of every text against text j's image
+    own = sim[torch.arange(m, device=sim.device), target]
+    text_rank = (cols > own[:, None]).sum(1)  # rank of text j in its image's ranking of texts
+    best = torch.full((n,), m, dtype=torch.long, device=sim.device).scatter_reduce(0, target, text_rank, "amin")
+    has_text = torch.zeros(n, dtype=torch.bool, device=sim.device).index_fill_(0, target, True)
     out = {}
-    for name, s in (("t2i", sim), ("i2t", sim.t())):
-        ranks = (s > s.gather(1, target[:, None])).sum(1)  # how many beat the positive
-        for k in ks:
-            out[f"{name}_r@{k}"] = (ranks < k).float().mean().item()
+    for k in ks:
+        out[f"t2i_r@{k}"] = (t2i_rank < k).float().mean().item()
+    for k in ks:
+        out[f"i2t_r@{k}"] = (best[has_text] < k).float().mean().item()
     return out
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=torch.float32,
+                       max_batches: int = 0) -> dict:
+    """Image-text retrieval over a split of (image, caption) shards with a dual encoder.
+
+    Each image (by ``image_id``, else the sample key) and each caption is encoded once; the
+    score matrix is the ITM head over every (text, image) pair from the cached [CLS] vectors
+    (``scorer='itm'``) or the cosine of the contrastive embeddings (``'itc'``, N + M work)."""
+    from .inference import DualEncoderInference
+    if not hasattr(model, "encode_image"):
+        raise ValueError("retrieval evaluation needs a dual encoder (a fusion model would need one joint pass "
+                         "per image-text pair)")
+    if scorer not in ("itm", "itc"):
+        raise ValueError(f"scorer={scorer!r} must be 'itm' or 'itc'")
+    inf = DualEncoderInference(model, device, dtype)
+    texts, images, text_image, index = [], [], [], {}
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        ids = batch.get("image_ids", batch["keys"])
+        new = [j for j, iid in enumerate(ids) if iid not in index]
+        for j in new:
+            index[ids[j]] = len(index)
+        if new:
+            images.append(inf.encode_images(batch["pixels"][new]))
+        texts.append(inf.encode_texts(batch["input_ids"], batch["attention_mask"]))
+        text_image += [index[iid] for iid in ids]
+    t, im = torch.cat(texts), torch.cat(images)
+    if scorer == "itc":
+        te, ie = model.pooled(t, im)
+        sim = te @ ie.t()
+    else:
+        sim = inf.pair_scores(t, im)
+    res = retrieval_recall(sim, torch.tensor(text_image))
+    return {**res, "n_texts": t.shape[0], "n_images": im.shape[0], "scorer": scorer}
 
 
 def write_vqa_submission(predictions: list[dict], path: str) -> None:
@@ -96,13 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="run config (data/tokenizer settings); default: built-in")
     ap.add_argument("--shards", required=True, help="evaluation shard pattern")
     ap.add_argument("--vqa-json", default=None, help="write VQA answers here (server format)")
+    ap.add_argument("--retrieval", choices=("itm", "itc"), default=None,
+                    help="image-text retrieval recall@1/5/10 on caption shards, scored by the ITM head over all "
+                         "pairs or by contrastive embeddings (the default for an ITM model: itm)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     model = load_pretrained(args.model)
-    cfg = load_config(args.config, [*args.overrides, f"train.task={model.task}", f"data.val_shards={args.shards}",
-                                    "loss.attn_t2i=0", "loss.attn_i2t=0", "loss.soft_label=0",
-                                    "loss.ground_truth=1"])
+    retrieval = args.retrieval or ("itm" if model.task == "itm" else None)
+    cfg = load_config(args.config, [*args.overrides, f"train.task={'itm' if retrieval else model.task}",
+                                    f"data.val_shards={args.shards}", "loss.attn_t2i=0", "loss.attn_i2t=0",
+                                    "loss.soft_label=0", "loss.ground_truth=1"])
     loader = build_loader(cfg, "val")
+    if retrieval:
+        json.dump(evaluate_retrieval(model, loader, retrieval), sys.stdout, indent=2)
+        print()
+        return 0
     answers = answer_list(cfg) if model.task == "vqa" else None
     res = evaluate(model, loader, model.task, torch.device("cpu"), answers=answers, progress=True)
     if args.vqa_json and "predictions" in res:

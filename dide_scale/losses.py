@@ -124,9 +124,10 @@ def attention_mse(t_q: torch.Tensor, t_k: torch.Tensor, s_q: torch.Tensor, s_k: 
     """MSE between teacher and student self-attention probabilities of one mapped block pair.
 
     Probabilities are softmax(q k^T / sqrt(d)) over the valid keys (fp32); with
-    ``head_map='mean'`` both sides are first averaged over heads.  The mean runs over valid
-    (query, key) entries, heads and batch: padded text positions count neither as queries
-    nor as keys.  q/k: [B, H, N, D]; mask: [B, N] bool.
+    ``head_map='mean'`` both sides are first averaged over heads.  Squared differences are
+    summed over keys and averaged over valid queries, heads and batch (the normalisation of
+    the attention KL, so the two weights are on one scale); padded text positions count
+    neither as queries nor as keys.  q/k: [B, H, N, D]; mask: [B, N] bool.
     """
     if t_q.shape[2] != s_q.shape[2]:
         raise ValueError(f"teacher sequence of {t_q.shape[2]} tokens vs student {s_q.shape[2]}: they must see "
@@ -140,9 +141,9 @@ def attention_mse(t_q: torch.Tensor, t_k: torch.Tensor, s_q: torch.Tensor, s_k: 
         raise ValueError(f"teacher has {pt.shape[1]} heads and the student {ps.shape[1]}: per-head attention "
                          "MSE needs equal counts; set loss.head_map=mean")
     m = mask.to(ps.dtype)
-    valid = m[:, None, :, None] * m[:, None, None, :]  # [B, 1, N, N]
-    sq = (pt - ps).pow(2) * valid
-    return sq.sum() / (valid.sum() * ps.shape[1]).clamp_min(1.0)
+    sq = ((pt - ps).pow(2) * m[:, None, None, :]).sum(-1)  # [B, H, N]: over valid keys
+    sq = sq * m[:, None, :]
+    return sq.sum() / (m.sum() * ps.shape[1]).clamp_min(1.0)
 
 
 def layer_attention_mse(teacher: list[JointStates], student: list[JointStates], head_map: str) -> torch.Tensor:

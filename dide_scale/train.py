@@ -56,6 +56,7 @@ class TrainState:
     step: int = 0
     samples_seen: int = 0
     bad_steps: int = 0
+    best: dict | None = None  # {"step", "accuracy"} of the best evaluation on the dev split so far
 
 
 def agree(flag: bool, group) -> bool:
@@ -144,7 +145,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     saved = ckpt.resume(engines.student)
     if saved is not None:
         s = saved["state"]
-        st.step, st.samples_seen = s["step"], s["samples_seen"]
+        st.step, st.samples_seen, st.best = s["step"], s["samples_seen"], s.get("best")
         if "data" in s:
             loader.load_state_dict(s["data"])
         else:  # world size changed: per-rank streams cannot continue; start new ones, never replay
@@ -211,8 +212,10 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
                 log.error("%d consecutive non-finite steps: stopping (last good checkpoint kept)", st.bad_steps)
                 exit_code = 3
                 break
-            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards:
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards \
+                    and cfg.train.task != "itm" and st.step < cfg.train.max_steps:
                 last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step)}
+                keep_if_best(st, last_eval["result"], ckpt, engines, loader, task, cfg, env)
             if agree(stop.received is not None, control):
                 log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
                 ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
@@ -234,6 +237,8 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
                 summary["eval"] = last_eval["result"]
             else:
                 summary["eval"] = _evaluate(cfg, engines, metrics, st.step)
+            keep_if_best(st, summary["eval"], ckpt, engines, loader, task, cfg, env)
+            summary["best"] = st.best
         if env.is_main:
             from .export import export_from_checkpoint
             export_from_checkpoint(run_dir, run_dir / "export", engines.student_module)
@@ -291,8 +296,26 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     metrics.image("attention/teacher_vs_student", img, step)
 
 
+def keep_if_best(st: TrainState, result: dict, ckpt, engines, loader, task, cfg, env) -> None:
+    """Model selection on the dev split (``data.val_shards``) only: when this evaluation
+    beats every earlier one, the weights of this step (exact fp32 master weights from a
+    checkpoint, saved now if this step has none) are exported to ``RUN_DIR/best`` with
+    ``best.json`` naming the step and score.  The best score survives resumption."""
+    if st.best is not None and result["accuracy"] <= st.best["accuracy"]:
+        return
+    st.best = {"step": st.step, "accuracy": result["accuracy"]}
+    if not (ckpt.dir / f"step_{st.step:08d}" / "COMPLETE.json").exists():
+        ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
+    if env.is_main:
+        from .export import export_from_checkpoint
+        best = Path(cfg.train.output_dir) / "best"
+        export_from_checkpoint(Path(cfg.train.output_dir), best, engines.student_module)
+        (best / "best.json").write_text(json.dumps({**st.best, "split": cfg.data.val_shards}, indent=2))
+        log.info("new best on the dev split: %.4f at step %d -> %s", st.best["accuracy"], st.step, best)
+
+
 def _own_state(st: TrainState, loader, task) -> dict:
-    state = {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict()}
+    state = {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict(), "best": st.best}
     if task.queue is not None:  # identical on every rank; survives a world-size change
         state["token_queue"] = task.queue.state_dict()
     return state

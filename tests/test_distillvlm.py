@@ -29,7 +29,8 @@ STUDENT = TowerShape(width=16, depth=2, heads=2, patch_size=8, image_size=[32, 3
 # -- losses against naive references ----------------------------------------------------------
 
 def naive_attention_mse(tq, tk, sq, sk, mask, mean_heads):
-    """Loops: softmax over valid keys per row; mean of squared differences over valid (q, k)."""
+    """Loops: softmax over valid keys per row; squared differences summed over valid keys,
+    averaged over valid query rows and heads."""
     B, H, N, _ = tq.shape
 
     def probs(q, k, b, h, i):
@@ -49,7 +50,7 @@ def naive_attention_mse(tq, tk, sq, sk, mask, mean_heads):
                 ps = [{j: sum(p[j] for p in ps) / len(ps) for j in ps[0]}]
             for a, c in zip(pt, ps):
                 total += sum((a[j] - c[j]) ** 2 for j in a)
-                count += len(a)
+                count += 1
     return total / count
 
 

@@ -43,10 +43,18 @@ def test_finetune_from_pretrained_export_then_eval(pretrained, tmp_path, task, n
         "train.task": task, "student.init": f"export:{pretrained}", "teacher.path": str(tmp_path / "teacher"),
         "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0, "loss.soft_label": 1.0, "loss.ground_truth": 0.0,
         "data.train_shards": f"{data}/train/{{00000..00001}}.tar", "data.val_shards": f"{data}/val/00000.tar",
-        "optim.head_lr_mult": 10.0})
+        "optim.head_lr_mult": 10.0, "train.eval_every": 1, "optim.lr": 3e-3})
     assert finetune_main(["--config", "debug", *ov]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["n"] == 24 and 0 <= summary["eval"]["accuracy"] <= 1
+    # model selection on the dev split: best/ holds the weights of the best evaluation, and
+    # evaluating them again gives exactly the recorded score
+    evals = [float(line.split("accuracy ")[1].split()[0]) for line in
+             (run / "logs" / "rank000.log").read_text().splitlines() if "eval step" in line]
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert len(evals) == 4 and summary["best"] == {"step": best["step"], "accuracy": best["accuracy"]}
+    assert best["accuracy"] == pytest.approx(max(evals), abs=1e-4)
+    assert best["step"] == 1 + max(range(4), key=lambda i: (evals[i], -i))  # the first of equal scores
     # the pre-trained towers were loaded: they differ from a random init but equal the export at step 0
     exported = load_pretrained(run / "export")
     assert exported.task == task and exported.num_classes == n_cls
@@ -59,6 +67,13 @@ def test_finetune_from_pretrained_export_then_eval(pretrained, tmp_path, task, n
     if task == "vqa":
         rows = json.loads(vqa_json.read_text())
         assert len(rows) == 24 and set(rows[0]) == {"question_id", "answer"}
+    from dide_scale.config import load_config
+    from dide_scale.data.pipeline import build_loader
+    from dide_scale.evaluate import evaluate
+    cfg = load_config("debug", [f"data.val_shards={data}/val/00000.tar", "data.tokenizer=builtin:demo",
+                                f"train.task={task}", "data.num_answers=16", "data.num_workers=0"])
+    again = evaluate(load_pretrained(run / "best"), build_loader(cfg, "val"), task, "cpu")
+    assert again["accuracy"] == pytest.approx(best["accuracy"], abs=1e-6)
 
 
 def test_lr_schedule_counts_optimizer_steps_under_accumulation():
@@ -68,13 +83,29 @@ def test_lr_schedule_counts_optimizer_steps_under_accumulation():
     assert f(55) == pytest.approx(0.5)
 
 
-def test_retrieval_recall():
-    t = torch.eye(4)
-    i = torch.eye(4)
-    r = retrieval_recall(t, i, ks=(1,))
+def test_retrieval_recall_against_naive_ranks():
+    r = retrieval_recall(torch.eye(4), ks=(1,))
     assert r["t2i_r@1"] == 1.0 and r["i2t_r@1"] == 1.0
-    r = retrieval_recall(t, i.roll(1, 0), ks=(1, 5))
+    r = retrieval_recall(torch.eye(4).roll(1, 1), ks=(1, 5))
     assert r["t2i_r@1"] == 0.0 and r["t2i_r@5"] == 1.0
+    # several captions per image: an image is a hit when any of its captions ranks in its top k
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(9, 4, generator=g)
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
+    got = retrieval_recall(sim, owner, ks=(1, 2, 3))
+    for k in (1, 2, 3):
+        t2i = sum(int((sim[j] > sim[j, owner[j]]).sum()) < k for j in range(9)) / 9
+        i2t = sum(any(int((sim[:, i] > sim[j, i]).sum()) < k for j in range(9) if owner[j] == i) for i in range(4)) / 4
+        assert got[f"t2i_r@{k}"] == pytest.approx(t2i) and got[f"i2t_r@{k}"] == pytest.approx(i2t)
+
+
+@pytest.mark.parametrize("scorer", ["itm", "itc"])
+def test_dide_eval_retrieval_on_caption_shards(pretrained, demo_shards, scorer, capsys):
+    assert eval_main(["--model", str(pretrained), "--shards", f"{demo_shards}/val/00000.tar", "--retrieval", scorer,
+                      "data.tokenizer=builtin:demo", f"student.arch={TINY_ARCH}"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_texts"] == 48 and res["n_images"] == 48 and res["scorer"] == scorer
+    assert 0 <= res["t2i_r@1"] <= res["t2i_r@5"] <= res["t2i_r@10"] <= 1
 
 
 def test_inference_api_cached_equals_uncached():

@@ -131,6 +131,7 @@ class SampleDecoder:
         out = {"key": raw.get("__key__", ""), "qtype": meta.get("qtype", "")}
         if self.task == "itm":
             out["text"] = decode_text(raw.get("txt"))
+            out["image_id"] = str(meta.get("image_id", out["key"]))  # retrieval: captions of one image
         elif self.task == "vqa":
             out["text"] = decode_text(meta.get("question"), "missing_question")
             target = torch.zeros(len(self.answers))
@@ -167,6 +168,8 @@ class Collate:
         batch = {"pixels": stack_shared([s["pixels"] for s in samples]),
                  "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                  "keys": [s["key"] for s in samples], "qtype": [s["qtype"] for s in samples]}
+        if "image_id" in samples[0]:
+            batch["image_ids"] = [s["image_id"] for s in samples]
         if "pixels2" in samples[0]:
             batch["pixels2"] = stack_shared([s["pixels2"] for s in samples])
         if "label" in samples[0]:

@@ -198,10 +198,10 @@ class DualEncoder(nn.Module):
         return self.head(self.fuse(text_states, image_states))
 
     def pooled(self, text_states, image_states) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised contrastive embeddings (text, image)."""
-        t = F.normalize(self.itc_text(text_states[:, 0]), dim=-1)
-        i = F.normalize(self.itc_image(image_states[:, 0]), dim=-1)
-        return t, i
+        """L2-normalised contrastive embeddings (text, image) from token states or [CLS] vectors."""
+        t = text_states[:, 0] if text_states.dim() == 3 else text_states
+        i = image_states[:, 0] if image_states.dim() == 3 else image_states
+        return F.normalize(self.itc_text(t), dim=-1), F.normalize(self.itc_image(i), dim=-1)
 
     def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
                 itc: bool = False) -> "StudentOutput":

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Compression into a small fusion student (DistillVLM) on the demo task, several seeds.
+
+For each seed: the demo's fusion teacher (trained here, or reused with --teachers-from),
+then three small fusion students trained for the same steps on the same data:
+
+  no_distill     ground truth only
+  attn_mse       ground truth + layer-to-layer attention MSE
+  attn_mse_nce   ground truth + attention MSE + token-wise NCE against a teacher-token queue
+
+Every run goes through ``dide_scale.train.run`` (DeepSpeed engine, webdataset reader).
+Reported: held-out accuracy per question type (mean ± std over seeds), parameters, and
+inference throughput of teacher and student measured side by side in one process.
+
+    python tools/bench_compress.py --seeds 0,1,2 --teachers-from runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dide_scale.demo import _overrides, make_data, train_one
+from dide_scale.inference import throughput
+
+VARIANTS = {
+    "no_distill": ("small fusion, no distillation", []),
+    "attn_mse": ("small fusion, attention MSE", ["loss.attn_mse=1.0"]),
+    "attn_mse_nce": ("small fusion, attention MSE + token NCE", ["loss.attn_mse=1.0", "loss.token_nce=1.0"]),
+}
+
+
+def student_overrides(args) -> list[str]:
+    arch = (f"{{width: {args.width}, depth: {args.depth}, heads: {args.heads}, patch_size: 8, "
+            f"image_size: [32, 32], max_text_len: 16, vocab_size: 128}}")
+    return ["student.kind=fusion", f"student.arch={arch}", f"loss.nce_queue_size={args.queue}",
+            f"loss.nce_temperature={args.nce_temperature}"]
+
+
+def teacher_dir(args, out: Path, data: Path, seed: int) -> Path:
+    if args.teachers_from:
+        d = Path(args.teachers_from) / f"seed{seed}" / "teacher" / "export"
+        if (d / "config.json").exists():
+            return d
+    run = out / f"seed{seed}" / "teacher"
+    if not (run / "export" / "config.json").exists():
+        s = train_one("fusion teacher", _overrides(data, run, args.teacher_steps, seed, []) + ["student.kind=fusion"],
+                      "demo")
+        if s["exit_code"]:
+            raise RuntimeError("teacher training did not finish")
+    return run / "export"
+
+
+def evaluate_export(path: Path, data: Path) -> dict:
+    from dide_scale.config import load_config
+    from dide_scale.data.pipeline import build_loader
+    from dide_scale.evaluate import evaluate
+    from dide_scale.models.build import load_pretrained
+    cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/{{00000..{_last(data)}}}.tar", "data.num_workers=0"])
+    res = evaluate(load_pretrained(path).eval(), build_loader(cfg, "val", batch_size=256), "vqa", "cpu")
+    res.pop("predictions", None)
+    return res
+
+
+def _last(data: Path) -> str:
+    from dide_scale.data.shards import read_sizes
+    return sorted(read_sizes(data / "vqa" / "val"))[-1][:-4]
+
+
+def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) -> dict:
+    """Questions/s of teacher and student on one batch, timed alternately in this process."""
+    from dide_scale.config import load_config
+    from dide_scale.data.pipeline import build_loader
+    from dide_scale.models.build import load_pretrained
+    cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/00000.tar", "data.num_workers=0"])
+    b = next(iter(build_loader(cfg, "val", batch_size=n)))
+    pix = b["pixels"].float().div(255)
+    models = {"teacher": load_pretrained(teacher_path).eval(), "student": load_pretrained(student_path).eval()}
+    out = {f"{k}_params": sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    with torch.inference_mode():
+        rounds = {k: [] for k in models}
+        for _ in range(3):  # alternate, so drift in machine load hits both
+            for k, m in models.items():
+                rounds[k].append(throughput(lambda m=m: m(pix, b["input_ids"], b["attention_mask"]), n, repeats=3))
+    for k, v in rounds.items():
+        out[f"{k}_qps"] = statistics.median(v)
+    return out
+
+
+def table(results: list[dict], args) -> str:
+    def ms(vals):
+        vals = [100 * v for v in vals]
+        return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+    rows = [("teacher", "fusion teacher (64 wide, 3 blocks)")] + [(k, v[0]) for k, v in VARIANTS.items()]
+    qtypes = sorted({q for r in results for k, _ in rows for q in r[k]["per_type"]})
+    tp = [r["throughput"] for r in results]
+    t_params, s_params = tp[0]["teacher_params"], tp[0]["student_params"]
+    t_qps = statistics.mean(t["teacher_qps"] for t in tp)
+    s_ratio = statistics.mean(t["student_qps"] / t["teacher_qps"] for t in tp)
+    lines = [f"Held-out accuracy, % (mean ± std over {len(results)} seed(s)); student: {args.width} wide, "
+             f"{args.depth} blocks, {args.heads} heads; {args.student_steps} steps each", "",
+             "| model | params | questions/s | vs teacher | all | " + " | ".join(qtypes) + " |",
+             "|---|---|---|---|---|" + "---|" * len(qtypes)]
+    for key, label in rows:
+        params = t_params if key == "teacher" else s_params
+        qps = t_qps if key == "teacher" else t_qps * s_ratio
+        ratio = 1.0 if key == "teacher" else s_ratio
+        cells = [f"{params / 1e3:.0f}K", f"{qps:.0f}", f"{ratio:.2f}x", ms([r[key]["accuracy"] for r in results])]
+        cells += [ms([r[key]["per_type"].get(q, float("nan")) for r in results]) for q in qtypes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--out", default="runs/compress")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--teachers-from", default="", help="a dide-demo run dir whose seedN/teacher/export to reuse")
+    ap.add_argument("--teacher-steps", type=int, default=2400)
+    ap.add_argument("--student-steps", type=int, default=1200)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--queue", type=int, default=4096)
+    ap.add_argument("--nce-temperature", type=float, default=0.07)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    from dide_scale.metrics import setup_logging
+    setup_logging(0)
+    out = Path(args.out)
+    data = Path(args.teachers_from) / "data" if args.teachers_from else out / "data"
+    make_data(data, 20_000, 2_000)
+    t0 = time.time()
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        tdir = teacher_dir(args, out, data, seed)
+        res = {"seed": seed, "teacher": evaluate_export(tdir, data)}
+        for key in args.variants.split(","):
+            run = out / f"seed{seed}" / key
+            extra = student_overrides(args) + VARIANTS[key][1]
+            if VARIANTS[key][1]:
+                extra.append(f"teacher.path={tdir}")
+            s = train_one(key, _overrides(data, run, args.student_steps, seed, extra), "demo")
+            res[key] = s["eval"] | {"train_seconds": s["train_seconds"]}
+        res["throughput"] = measure(tdir, out / f"seed{seed}" / "no_distill" / "export", data)
+        results.append(res)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = table(results, args)
+    md += (f"\n\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU thread(s); "
+           f"throughput at batch 256, fp32, teacher and student timed alternately in one process. "
+           f"Wall time {time.time() - t0:.0f} s.")
+    (out / "results.md").write_text(md + "\n")
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
