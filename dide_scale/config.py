@@ -124,6 +124,9 @@ class LossConfig:
     """'per_head' (teacher and student head counts must match) or 'mean' (average heads)."""
     itc_temperature: float = 0.07
     """Initial temperature of the contrastive logits."""
+    itm_negatives: str = "global"
+    """ITM hard negatives of the dual encoder: 'global' mines over every rank's micro-batch
+    (the chosen rows are fetched with gradient by all_to_all), 'local' over this rank's only."""
     attn_mse: float = 0.0
     """DistillVLM: MSE between teacher and student self-attention probabilities of the
     mapped blocks (valid tokens only; heads per loss.head_map). Needs student.kind=fusion."""
@@ -294,6 +297,8 @@ class RunConfig:
             raise ConfigError(f"teacher.kind={self.teacher.kind!r} must be 'fusion' or 'hf_vilt'")
         if self.teacher.kind == "fusion":
             self.teacher.arch.check("teacher.arch")
+        if lo.itm_negatives not in ("global", "local"):
+            raise ConfigError(f"loss.itm_negatives={lo.itm_negatives!r} must be 'global' or 'local'")
         if lo.head_map not in ("per_head", "mean"):
             raise ConfigError(f"loss.head_map={lo.head_map!r} must be 'per_head' or 'mean'")
         for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc", "attn_mse", "token_nce"):

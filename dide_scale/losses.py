@@ -1,6 +1,8 @@
 """The DiDE losses (METHOD.md), as pure functions of tensors."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -97,24 +99,81 @@ def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: to
     return 0.5 * (F.cross_entropy(logits_t2i.float(), labels) + F.cross_entropy(logits_i2t.float(), labels))
 
 
-@torch.no_grad()
-def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each pair, sample a hard negative image for its text and a hard negative text for
-    its image, with probability softmax(similarity) over the local batch, never itself.
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    Returns (neg_image_idx, neg_text_idx), each [B].  Needs B >= 2.
+
+@torch.no_grad()
+def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, across_ranks: bool = True,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each local pair, sample a hard negative image for its text and a hard negative text
+    for its image, with probability softmax(similarity), never the pair itself.
+
+    ``across_ranks``: candidates are the micro-batches of every rank (embeddings gathered
+    without gradient); indices are then global (rank r's row i is ``r * B + i``) and
+    :func:`gather_rows` fetches the chosen rows.  Returns (neg_image_idx, neg_text_idx), each [B].
     """
     b = text_emb.shape[0]
-    if b < 2:
-        raise ValueError("hard-negative mining needs a micro-batch of at least 2 pairs")
-    sim = text_emb.float() @ image_emb.float().t()
-    eye = torch.eye(b, dtype=torch.bool, device=sim.device)
-    w_t2i = torch.softmax(sim.masked_fill(eye, -1e4), dim=1)
-    w_i2t = torch.softmax(sim.t().masked_fill(eye, -1e4), dim=1)
+    offset, all_t, all_i = 0, text_emb, image_emb
+    if across_ranks and _world() > 1:
+        sizes = [torch.zeros(1, dtype=torch.long, device=text_emb.device) for _ in range(_world())]
+        dist.all_gather(sizes, torch.tensor([b], device=text_emb.device))
+        if any(int(n) != b for n in sizes):
+            raise ValueError(f"hard-negative mining across ranks needs the same micro-batch on every rank, got "
+                             f"{[int(n) for n in sizes]}; set loss.itm_negatives=local")
+        all_t = torch.cat(_all_gather(text_emb.contiguous()))
+        all_i = torch.cat(_all_gather(image_emb.contiguous()))
+        offset = dist.get_rank() * b
+    if all_t.shape[0] < 2:
+        raise ValueError("hard-negative mining needs at least 2 pairs")
+    own = torch.zeros(b, all_t.shape[0], dtype=torch.bool, device=text_emb.device)
+    own[torch.arange(b), torch.arange(b) + offset] = True
+    w_t2i = torch.softmax((text_emb.float() @ all_i.float().t()).masked_fill(own, -1e4), dim=1)
+    w_i2t = torch.softmax((image_emb.float() @ all_t.float().t()).masked_fill(own, -1e4), dim=1)
     neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_img, neg_txt
+
+
+def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(x) for _ in range(_world())]
+    dist.all_gather(out, x)
+    return out
+
+
+def gather_rows(tensors: list[torch.Tensor], idx: torch.Tensor, across_ranks: bool = True) -> list[torch.Tensor]:
+    """Rows ``idx`` (indices as returned by :func:`mine_hard_negatives` with the same
+    ``across_ranks``) of each tensor, in the order of ``idx``.  Across ranks, each rank sends
+    only the rows others asked for (two ``all_to_all`` exchanges: the requests, then the
+    rows); gradients of the fetched rows flow back to the rank that owns them.  Every rank's
+    tensors have the same row count."""
+    if not across_ranks or _world() == 1:
+        return [t[idx] for t in tensors]
+    import torch.distributed.nn.functional as dnnf
+    b, world = tensors[0].shape[0], _world()
+    owner, local_idx = idx // b, idx % b
+    order = torch.argsort(owner, stable=True)
+    ask = torch.bincount(owner, minlength=world)  # rows this rank asks of each rank
+    asked = torch.empty_like(ask)
+    dist.all_to_all_single(asked, ask)  # rows each rank asks of this one
+    ask_l, asked_l = ask.tolist(), asked.tolist()
+    wanted = torch.empty(sum(asked_l), dtype=local_idx.dtype, device=idx.device)
+    dist.all_to_all_single(wanted, local_idx[order].contiguous(), asked_l, ask_l)
+    back = torch.argsort(order)
+    out = []
+    for t in tensors:
+        send = t[wanted]
+        is_bool = send.dtype == torch.bool
+        send = send.to(torch.uint8) if is_bool else send
+        flat = send.reshape(send.shape[0], math.prod(t.shape[1:])).contiguous()
+        recv = flat.new_empty(idx.shape[0], flat.shape[1])
+        if flat.requires_grad:
+            recv = dnnf.all_to_all_single(recv, flat, ask_l, asked_l)
+        else:
+            dist.all_to_all_single(recv, flat, ask_l, asked_l)
+        got = recv.reshape(idx.shape[0], *t.shape[1:])[back]
+        out.append(got.bool() if is_bool else got)
+    return out
 
 
 # -- DistillVLM (Fang et al., arXiv 2104.02096): layer-to-layer losses for a fusion student --

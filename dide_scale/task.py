@@ -88,15 +88,13 @@ class DistillTask:
                              antialias=True).clamp_(0, 1)
 
     @torch.no_grad()
-    def teacher_forward(self, b: dict, pairs, capture: bool, layers: tuple[int, ...] = ()):
-        """The teacher's output (logits, CrossQKs, JointStates) on the rows the student scored."""
-        pixels, pixels2 = self.teacher_pixels(b["pixels"]), self.teacher_pixels(b.get("pixels2"))
+    def teacher_forward(self, b: dict, rows: dict | None, capture: bool, layers: tuple[int, ...] = ()):
+        """The teacher's output (logits, CrossQKs, JointStates) on the rows the student scored
+        (``rows``: the ITM rows' inputs, negatives included; else the batch itself)."""
+        src = rows if rows is not None else b
+        pixels, pixels2 = self.teacher_pixels(src["pixels"]), self.teacher_pixels(src.get("pixels2"))
         kw = {"layers": layers} if layers else {}
-        if pairs is not None:
-            t_idx, i_idx = pairs
-            return self.teacher(pixels[i_idx], b["input_ids"][t_idx], b["attention_mask"][t_idx],
-                                capture=capture, **kw)
-        return self.teacher(pixels, b["input_ids"], b["attention_mask"], pixels2, capture=capture, **kw)
+        return self.teacher(pixels, src["input_ids"], src["attention_mask"], pixels2, capture=capture, **kw)
 
     def training_forward(self, b: dict, timed: bool = False) -> StepOutput:
         cfg = self.cfg
@@ -112,7 +110,7 @@ class DistillTask:
             if timed:
                 self._sync()
             t1 = time.perf_counter()
-            t = self.teacher_forward(b, s.pairs, capture, self.t_layers)
+            t = self.teacher_forward(b, s.rows, capture, self.t_layers)
             if timed:
                 self._sync()
                 timings["teacher_forward"] = time.perf_counter() - t1

@@ -280,7 +280,7 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     module.eval()
     s = module(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=True)
     module.train(was)
-    t_qk = task.teacher_forward(b, s.pairs, capture=True).qk
+    t_qk = task.teacher_forward(b, s.rows, capture=True).qk
     if metrics.writer is None:
         return
     n_txt = int(b["attention_mask"][0].sum())

@@ -239,6 +239,7 @@ def build_student(cfg) -> nn.Module:
             model.set_grad_checkpointing(True)
         return model
     student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
+    student.negatives_across_ranks = cfg.loss.itm_negatives == "global"
     init_student(student, cfg.student.init)
     if cfg.student.grad_checkpointing:
         student.set_grad_checkpointing(True)

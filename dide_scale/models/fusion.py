@@ -28,7 +28,7 @@ class FusionEncoder(nn.Module):
     For ``task='itm'`` in training mode the rows are [positives; (text, other image);
     (other text, image)] with the other image/text drawn at random from the micro-batch
     (never the pair itself; a fusion model has no cheap similarity to mine hard negatives
-    with), as the dual encoder's rows; ``pairs`` says which text and image each row used.
+    with), as the dual encoder's rows; ``rows`` holds each row's inputs for the teacher.
     In eval mode (a teacher, or scoring) it scores the rows it is given.
     """
 
@@ -132,13 +132,13 @@ class FusionEncoder(nn.Module):
                 itc: bool = False, layers: tuple[int, ...] = ()) -> StudentOutput:
         if itc:
             raise ValueError("a fusion model has no separate embeddings for a contrastive loss")
-        pairs = None
+        rows = None
         if self.task == "itm" and self.training:
-            pairs = random_negative_rows(input_ids.shape[0], input_ids.device)
-            t_idx, i_idx = pairs
+            t_idx, i_idx = random_negative_rows(input_ids.shape[0], input_ids.device)
             pixels, input_ids, attention_mask = pixels[i_idx], input_ids[t_idx], attention_mask[t_idx]
+            rows = {"pixels": pixels, "input_ids": input_ids, "attention_mask": attention_mask}
         pooled, qk, states = self.joint(pixels, input_ids, attention_mask, 1, capture, layers)
-        out = StudentOutput(None, [qk] if capture else [], pairs, states=[states] if layers else [])
+        out = StudentOutput(None, [qk] if capture else [], rows, states=[states] if layers else [])
         if self.task == "nlvr2":
             if pixels2 is None:
                 raise ValueError("nlvr2 needs two images")

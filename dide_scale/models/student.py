@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from ..losses import contrastive, mine_hard_negatives
+from ..losses import contrastive, gather_rows, mine_hard_negatives
 from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
 
 
@@ -126,13 +126,14 @@ class TextTower(nn.Module):
 @dataclass
 class StudentOutput:
     """What a model call returns (students, and the teachers in the same shape):
-    ``logits``; ``qk`` one CrossQK per image pass when capturing; ``pairs`` (text_idx,
-    image_idx) of each row for ITM; ``itc_loss``; ``states`` one JointStates per image pass
-    of a fusion model asked for ``layers``."""
+    ``logits``; ``qk`` one CrossQK per image pass when capturing; ``rows`` for ITM: the
+    inputs of every scored (text, image) row (``pixels``, ``input_ids``, ``attention_mask``;
+    negatives may come from other ranks), which the teacher scores too; ``itc_loss``;
+    ``states`` one JointStates per image pass of a fusion model asked for ``layers``."""
 
     logits: torch.Tensor | None
     qk: list[CrossQK]
-    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    rows: dict[str, torch.Tensor] | None = None
     itc_loss: torch.Tensor | None = None
     states: list[JointStates] = field(default_factory=list)
 
@@ -161,6 +162,7 @@ class DualEncoder(nn.Module):
         self.itc_image = nn.Linear(h, h)
         self.itc_text = nn.Linear(h, h)
         self.logit_scale = nn.Parameter(torch.full((1,), 2.659))  # log(1/0.07); 1-d: DeepSpeed broadcasts bytes views
+        self.negatives_across_ranks = True  # ITM hard negatives from every rank's micro-batch (loss.itm_negatives)
 
     # -- towers --------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -209,7 +211,8 @@ class DualEncoder(nn.Module):
         ZeRO-3 gathers every parameter it touches).
 
         For ``task='itm'`` the rows are [positives; (text, hard-negative image);
-        (hard-negative text, image)] and ``pairs`` says which text/image each row used.
+        (hard-negative text, image)], the negatives mined over every rank's micro-batch
+        (``negatives_across_ranks``) and fetched with gradient; ``rows`` holds each row's inputs.
         """
         self.set_capture(capture)
         text = self.encode_text(input_ids, attention_mask)
@@ -220,12 +223,24 @@ class DualEncoder(nn.Module):
             t_emb, i_emb = self.pooled(text, image)
             if itc:
                 out.itc_loss = contrastive(t_emb, i_emb, self.logit_scale)
-            neg_img, neg_txt = mine_hard_negatives(t_emb, i_emb)
-            ar = torch.arange(text.shape[0], device=text.device)
-            t_idx, i_idx = torch.cat([ar, ar, neg_txt]), torch.cat([ar, neg_img, ar])
-            out.logits = self.head(self.fuse(text[t_idx, 0], image[i_idx, 0]))
-            out.pairs = (t_idx, i_idx)
-            out.qk = [q.index(t_idx, i_idx) for q in qk]
+            across = self.negatives_across_ranks
+            neg_img, neg_txt = mine_hard_negatives(t_emb, i_emb, across)
+            q = qk[0] if capture else None
+            img_side = [image[:, 0], pixels] + ([q.q_image, q.k_image] if capture else [])
+            txt_side = [text[:, 0], input_ids, attention_mask] + ([q.q_text, q.k_text] if capture else [])
+            neg_i, neg_t = gather_rows(img_side, neg_img, across), gather_rows(txt_side, neg_txt, across)
+
+            # rows: [positives; (text, negative image); (negative text, image)]
+            def text_rows(k):
+                return torch.cat([txt_side[k], txt_side[k], neg_t[k]])
+
+            def image_rows(k):
+                return torch.cat([img_side[k], neg_i[k], img_side[k]])
+            out.logits = self.head(self.fuse(text_rows(0), image_rows(0)))
+            out.rows = {"pixels": image_rows(1), "input_ids": text_rows(1), "attention_mask": text_rows(2)}
+            if capture:
+                out.qk = [CrossQK(text_rows(3), text_rows(4), image_rows(2), image_rows(3),
+                                  out.rows["attention_mask"].bool())]
         elif self.task == "nlvr2":
             image2 = self.encode_image(pixels2)
             if capture:
