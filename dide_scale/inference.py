@@ -27,11 +27,11 @@ class DualEncoderInference:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or [0,1] float images [N,3,H,W] -> cached embeddings [N, width]."""
-        return self.model.encode_image(self._pix(pixels))[:, 0]
+        return self.model.encode_image(self._pix(pixels), cls_only=True)[:, 0]
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device))[:, 0]
+        return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device), cls_only=True)[:, 0]
 
     @torch.inference_mode()
     def predict(self, text_emb: torch.Tensor, image_emb: torch.Tensor, image_emb2: torch.Tensor | None = None):

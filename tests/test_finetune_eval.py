@@ -117,7 +117,15 @@ def test_inference_api_cached_equals_uncached():
     pix = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     ids = torch.randint(5, 100, (6, 16))
     mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # padded questions: the [CLS]-only last block must mask the same keys
+    mask[4, 3:] = 0
     cache = inf.encode_images(pix)
+    with torch.no_grad():  # the [CLS]-only towers equal the full towers' [CLS] state
+        pixf = pix.float() / 255
+        torch.testing.assert_close(m.encode_image(pixf, cls_only=True)[:, 0], m.encode_image(pixf)[:, 0],
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(m.encode_text(ids, mask, cls_only=True)[:, 0], m.encode_text(ids, mask)[:, 0],
+                                   rtol=0, atol=1e-5)
     img_idx = torch.tensor([0, 0, 1, 1, 2, 2])
     cached = inf.predict(inf.encode_texts(ids, mask), cache[img_idx])
     with torch.no_grad():

@@ -73,6 +73,29 @@ def mlp_head(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
                          nn.Linear(dim_hidden, dim_out))
 
 
+def cls_only_block(blk: Block, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A timm ``Block`` evaluated for the first ([CLS]) token only: its query attends over every
+    key, the other tokens' outputs are never computed.  Equals ``blk(x)[:, :1]`` (inference:
+    no dropout / drop-path).  The last block of a tower whose only consumer is the [CLS]
+    state (the cached embeddings of ``DualEncoderInference``) needs nothing more."""
+    a = blk.attn
+    b, n, c = x.shape
+    h = blk.norm1(x)
+    w, bias = a.qkv.weight, a.qkv.bias
+    dim = a.num_heads * a.head_dim
+    q = F.linear(h[:, :1], w[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(h, w[dim:], None if bias is None else bias[dim:])
+    q = q.view(b, 1, a.num_heads, a.head_dim).transpose(1, 2)
+    k, v = kv.view(b, n, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    o = a.norm(o.transpose(1, 2).reshape(b, 1, dim))
+    if getattr(a, "gate", None) is not None:
+        o = o * a.gate(h[:, :1]).sigmoid()
+    x = x[:, :1] + blk.ls1(a.proj(o))
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+
+
 class ImageTower(nn.Module):
     """timm VisionTransformer over the patches; returns all token states ([CLS] first)."""
 
@@ -89,8 +112,16 @@ class ImageTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_features(self.normalize(pixels))
+    def forward(self, pixels: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """All token states [B, 1+N, C]; with ``cls_only`` just the [CLS] state [B, 1, C]
+        (the last block computes nothing else)."""
+        if not cls_only:
+            return self.vit.forward_features(self.normalize(pixels))
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(self.normalize(pixels)))))
+        for blk in v.blocks[:-1]:
+            x = blk(x)
+        return v.norm(cls_only_block(v.blocks[-1], x))
 
 
 class TextTower(nn.Module):
@@ -112,14 +143,17 @@ class TextTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """All token states [B, N, C]; with ``cls_only`` just the [CLS] state [B, 1, C]."""
         x = self.embeddings(input_ids=input_ids)
         mask = additive_mask(attention_mask, x.dtype)
-        for blk in self.blocks:
+        for blk in self.blocks[:-1] if cls_only else self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, mask, use_reentrant=False)
             else:
                 x = blk(x, attn_mask=mask)
+        if cls_only:
+            x = cls_only_block(self.blocks[-1], x, mask)
         return self.norm(x)
 
 
@@ -172,11 +206,11 @@ class DualEncoder(nn.Module):
     def set_capture(self, enable: bool) -> None:
         self.image.tap.enabled = self.text.tap.enabled = enable
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image(pixels)
+    def encode_image(self, pixels: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        return self.image(pixels, cls_only)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text(input_ids, attention_mask)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        return self.text(input_ids, attention_mask, cls_only)
 
     def take_qk(self, text_mask: torch.Tensor) -> CrossQK:
         """Queries/keys captured at the tapped block by the last encode_text/encode_image."""
