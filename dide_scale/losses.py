@@ -235,7 +235,8 @@ class TokenQueue:
 
     ``push`` gathers the new tokens of every rank (in rank order, so the ring is identical
     on all ranks and equal to a one-process run over the same global batch) and writes
-    them after the newest entries; when more arrive than fit, the newest ``size`` stay.
+    them after the newest entries; when more arrive than fit, the newest ``size`` stay
+    (and only those are sent between ranks).
     The ring is part of the checkpoint (``state_dict``), so a resumed run sees the same
     negatives.
     """
@@ -258,12 +259,11 @@ class TokenQueue:
     def push(self, tokens: list[torch.Tensor]) -> None:
         """``tokens``: per mapped pair, this rank's new teacher token states [M, C]."""
         new = F.normalize(torch.stack([t.float() for t in tokens]), dim=-1)  # [P, M, C]
-        new = _gather_rows(new)
+        new = _gather_newest(new, self.size)  # only the newest `size` tokens of the global batch can stay
         if self.buf is None:
             self.buf = new.new_zeros(self.n_pairs, self.size, new.shape[-1])
         elif self.buf.device != new.device:
             self.buf = self.buf.to(new.device)
-        new = new[:, -self.size:]
         m = new.shape[1]
         idx = (self.ptr + torch.arange(m, device=new.device)) % self.size
         self.buf = self.buf.index_copy(1, idx, new)  # out of place: this step's loss still holds the old ring
@@ -281,16 +281,27 @@ class TokenQueue:
         self.buf, self.ptr, self.filled = st["buf"], st["ptr"], st["filled"]
 
 
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """[P, M_r, C] on each rank -> [P, sum_r M_r, C] in rank order (M may differ by rank)."""
+def _gather_newest(x: torch.Tensor, keep_last: int) -> torch.Tensor:
+    """[P, M_r, C] on each rank -> the last ``keep_last`` of [P, sum_r M_r, C] in rank order.
+
+    Only rows that survive are sent: rank r contributes its newest rows that fall inside the
+    global tail, so the traffic is bounded by the queue size, not by the global token count."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
+        return x[:, -keep_last:]
     n = torch.tensor([x.shape[1]], device=x.device)
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, n)
     counts = [int(c) for c in counts]
-    padded = x.new_zeros(x.shape[0], max(counts), x.shape[2])
-    padded[:, : x.shape[1]] = x
+    keep = []
+    later = 0  # rows of higher ranks, which are newer
+    for c in reversed(counts):
+        keep.append(max(0, min(c, keep_last - later)))
+        later += c
+    keep.reverse()
+    mine = keep[dist.get_rank()]
+    padded = x.new_zeros(x.shape[0], max(max(keep), 1), x.shape[2])
+    if mine:
+        padded[:, :mine] = x[:, x.shape[1] - mine:]
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:, :c] for p, c in zip(parts, counts)], dim=1)
+    return torch.cat([p[:, :k] for p, k in zip(parts, keep)], dim=1)

@@ -240,7 +240,7 @@ def queue_after_steps(args: dict) -> dict:
         per = 4 // world
         local = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
         out = task.training_forward(local)
-        nce.append(float(out.parts["token_nce"]))
+        nce.append(out.parts["token_nce"].detach().item())
     st = task.queue.state_dict()
     if world > 1:
         dist.destroy_process_group()
