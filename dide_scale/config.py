@@ -217,7 +217,8 @@ class TrainConfig:
     """Gradient-norm clipping (0 disables)."""
     seed: int = 0
     log_every: int = 10
-    """Steps between metric logs (the only host-device syncs)."""
+    """Steps between metric logs (the loop's only host-device syncs; cross-rank ITM negatives and the
+    token queue read their all_to_all / all_gather sizes on the host, one small sync each)."""
     eval_every: int = 0
     """Steps between evaluations on data.val_shards (0: only at the end)."""
     save_every: int = 0

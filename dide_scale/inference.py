@@ -7,6 +7,7 @@ evaluations (never N x M transformer passes, as a fusion model needs).
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -54,27 +55,32 @@ class DualEncoderInference:
         return out
 
 
-def throughput(fn: Callable[[], object], n_items: int, warmup: int = 2, repeats: int = 5,
-               sync: Callable[[], None] = lambda: None) -> float:
-    """Items per second of ``fn`` (median of ``repeats`` timed calls after ``warmup``)."""
-    for _ in range(warmup):
-        fn()
+def throughput(fns: dict[str, Callable[[], object]], n_items: int, warmup: int = 1, rounds: int = 5,
+               sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Items per second of each function, timed in alternation: every round calls each
+    function once, so a change in machine load during the measurement hits all of them
+    alike; the median round per function is reported."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return n_items / times[len(times) // 2]
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: n_items / statistics.median(v) for k, v in times.items()}
 
 
 def compare_vqa_throughput(student, teacher, pixels: torch.Tensor, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor, questions_per_image: int = 1, device="cpu",
-                           dtype=torch.float32, repeats: int = 5, sync=lambda: None) -> dict[str, float]:
+                           dtype=torch.float32, repeats: int = 5, sync=lambda: None,
+                           ablate_cls_only: bool = False) -> dict[str, float]:
     """Questions/s of the teacher, the uncached student and the student with cached image
-    embeddings, measured side by side on the same batch (ratios are what to compare)."""
+    embeddings, measured side by side on the same batch (ratios are what to compare).
+    ``ablate_cls_only`` also times the cached path with a full last text block."""
     inf = DualEncoderInference(student, device, dtype)
     teacher = teacher.eval().to(device=device, dtype=dtype)
     pix = pixels.to(device).to(dtype).div(255.0) if pixels.dtype == torch.uint8 else pixels.to(device, dtype)
@@ -93,8 +99,13 @@ def compare_vqa_throughput(student, teacher, pixels: torch.Tensor, input_ids: to
     def run_cached():
         return inf.predict(inf.encode_texts(ids, mask), cache[img_idx % cache.shape[0]])
 
-    res = {name: throughput(fn, n, repeats=repeats, sync=sync) for name, fn in
-           (("teacher", run_teacher), ("student_uncached", run_uncached), ("student_cached", run_cached))}
+    fns = {"teacher": run_teacher, "student_uncached": run_uncached, "student_cached": run_cached}
+    if ablate_cls_only:
+        @torch.inference_mode()
+        def run_cached_full_last_block():
+            return inf.predict(inf.model.encode_text(ids, mask)[:, 0], cache[img_idx % cache.shape[0]])
+        fns["student_cached_full_last_block"] = run_cached_full_last_block
+    res = throughput(fns, n, rounds=repeats, sync=sync)
     res["speedup_uncached"] = res["student_uncached"] / res["teacher"]
     res["speedup_cached"] = res["student_cached"] / res["teacher"]
     return res

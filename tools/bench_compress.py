@@ -84,12 +84,9 @@ def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) ->
     models = {"teacher": load_pretrained(teacher_path).eval(), "student": load_pretrained(student_path).eval()}
     out = {f"{k}_params": sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     with torch.inference_mode():
-        rounds = {k: [] for k in models}
-        for _ in range(3):  # alternate, so drift in machine load hits both
-            for k, m in models.items():
-                rounds[k].append(throughput(lambda m=m: m(pix, b["input_ids"], b["attention_mask"]), n, repeats=3))
-    for k, v in rounds.items():
-        out[f"{k}_qps"] = statistics.median(v)
+        qps = throughput({k: (lambda m=m: m(pix, b["input_ids"], b["attention_mask"])) for k, m in models.items()},
+                         n, rounds=7)
+    out.update({f"{k}_qps": v for k, v in qps.items()})
     return out
 
 
