@@ -232,3 +232,30 @@ def test_bad_inputs(tmp_path, vqa_dir):
         teacher(pixels, torch.ones(B, 13, dtype=torch.long), torch.ones(B, 13, dtype=torch.long))
     with pytest.raises(ValueError, match="multiple of the teacher's patch size"):
         teacher(torch.rand(B, 3, 50, 64), ids, mask)
+
+
+def test_small_fusion_student_distils_from_vilt_at_its_own_patch_size(vqa_dir):
+    """DistillVLM from a transformers ViLT teacher (patch 16) into a fusion student with patch 8
+    at half the resolution: the same 4x4 grid, so the teacher gets resampled pixels and every
+    token lines up; attention MSE, token NCE and soft labels are finite and reach the student."""
+    from dide_scale.config import LossConfig
+    from dide_scale.models.fusion import FusionEncoder
+    from dide_scale.models.student import TowerShape
+    from dide_scale.task import DistillTask
+    teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
+    torch.manual_seed(0)
+    student = FusionEncoder(TowerShape(width=16, depth=1, heads=2, patch_size=8, image_size=[32, 32], max_text_len=12,
+                                       vocab_size=100), "vqa", 5)
+    student.add_distill_projections(1, teacher.width)
+    task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0, attn_mse=1.0,
+                                                    token_nce=1.0, nce_queue_size=32), "vqa")
+    task.train()
+    assert task.teacher_image_size == [64, 64] and task.t_layers == (1,) and task.s_layers == (0,)
+    pixels, ids, mask = inputs(32, 32)
+    b = {"pixels": pixels, "input_ids": ids, "attention_mask": mask, "labels": torch.rand(B, 5)}
+    for _ in range(2):  # the second step has negatives in the queue
+        out = task.training_forward(b)
+    assert all(torch.isfinite(v) for v in out.parts.values()) and out.parts["token_nce"] > 0
+    out.loss.backward()
+    assert student.distill_proj[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
