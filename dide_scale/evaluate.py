@@ -77,10 +77,10 @@ def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor | None = None, 
     m, n = sim.shape
     target = torch.arange(m, device=sim.device) if text_image is None else text_image.to(sim.device)
     t2i_rank = (sim > sim.gather(1, target[:, None])).sum(1)  # images that beat the positive, per text
-    cols = sim.t()[target]  # [M, M]: row j = scores of every text against text j's image
-    own = sim[torch.arange(m, device=sim.device), target]
-    text_rank = (cols > own[:, None]).sum(1)  # rank of text j in its image's ranking of texts
-    best = torch.full((n,), m, dtype=torch.long, device=sim.device).scatter_reduce(0, target, text_rank, "amin")
+    own = sim[torch.arange(m, device=sim.device), target]  # score of each text with its image
+    # an image's best-ranked caption is its highest-scoring one: rank that score among all texts
+    best_own = torch.full((n,), float("-inf"), device=sim.device).scatter_reduce(0, target, own, "amax")
+    best = (sim.t() > best_own[:, None]).sum(1)  # [N]; [N, M] work, never [M, M]
     has_text = torch.zeros(n, dtype=torch.bool, device=sim.device).index_fill_(0, target, True)
     out = {}
     for k in ks:
@@ -110,9 +110,11 @@ def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=t
         if max_batches and i >= max_batches:
             break
         ids = batch.get("image_ids", batch["keys"])
-        new = [j for j, iid in enumerate(ids) if iid not in index]
-        for j in new:
-            index[ids[j]] = len(index)
+        new = []  # first occurrence of each image (one batch often holds several captions of it)
+        for j, iid in enumerate(ids):
+            if iid not in index:
+                index[iid] = len(index)
+                new.append(j)
         if new:
             images.append(inf.encode_images(batch["pixels"][new]))
         texts.append(inf.encode_texts(batch["input_ids"], batch["attention_mask"]))

@@ -236,7 +236,8 @@ class TokenQueue:
     ``push`` gathers the new tokens of every rank (in rank order, so the ring is identical
     on all ranks and equal to a one-process run over the same global batch) and writes
     them after the newest entries; when more arrive than fit, the newest ``size`` stay
-    (and only those are sent between ranks).
+    (and only those are sent between ranks).  With more new tokens per step than ``size``,
+    the whole ring is replaced every micro-batch by the newest tokens of the last ranks.
     The ring is part of the checkpoint (``state_dict``), so a resumed run sees the same
     negatives.
     """
@@ -253,6 +254,8 @@ class TokenQueue:
         """The valid entries of ``pair``'s ring ([filled, C]); empty before the first push."""
         if self.buf is None:
             return like.new_zeros(0, like.shape[-1], dtype=torch.float32)
+        if self.buf.device != like.device:  # restored from a checkpoint on the CPU
+            self.buf = self.buf.to(like.device)
         return self.buf[pair, : self.filled]
 
     @torch.no_grad()
@@ -285,7 +288,8 @@ def _gather_newest(x: torch.Tensor, keep_last: int) -> torch.Tensor:
     """[P, M_r, C] on each rank -> the last ``keep_last`` of [P, sum_r M_r, C] in rank order.
 
     Only rows that survive are sent: rank r contributes its newest rows that fall inside the
-    global tail, so the traffic is bounded by the queue size, not by the global token count."""
+    global tail (padded to the largest contribution for the all-gather), so each rank sends
+    at most ``keep_last`` rows whatever the global token count."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x[:, -keep_last:]
     n = torch.tensor([x.shape[1]], device=x.device)

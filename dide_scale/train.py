@@ -153,6 +153,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
                         "streams (seed %d + step)", cfg.train.seed)
             loader.ds.seed = cfg.train.seed + st.step
             seed_all(cfg.train.seed * 1000 + env.rank + st.step)
+        st.best = best_on_record(st.best, run_dir)
         log.info("resuming at step %d (%d samples seen)", st.step, st.samples_seen)
     if env.is_main:
         save_resolved(cfg, run_dir, ds_config)
@@ -179,6 +180,12 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     skipped_before = engines.student.skipped_steps
     exit_code = 0
     history_path = run_dir / "logs" / "metrics.jsonl"
+
+    def save_checkpoint() -> None:
+        """This step's checkpoint, unless one is complete already (rank 0's view decides)."""
+        done = (ckpt.dir / f"step_{st.step:08d}" / "COMPLETE.json").exists()
+        if not agree(env.is_main and done, control):
+            ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
     log.info("training %s: %d steps, global batch %d (micro %d x accum %d x world %d), ZeRO-%d, %s, teacher %s",
              cfg.train.task, cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.micro_batch_size, accum,
              env.world_size, cfg.train.zero_stage, cfg.train.precision,
@@ -215,29 +222,28 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards \
                     and cfg.train.task != "itm" and st.step < cfg.train.max_steps:
                 last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step)}
-                keep_if_best(st, last_eval["result"], ckpt, engines, loader, task, cfg, env)
+                keep_if_best(st, last_eval["result"], save_checkpoint, engines.student_module, cfg, env.is_main,
+                             control)
             if agree(stop.received is not None, control):
                 log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
-                ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
+                save_checkpoint()
                 exit_code = REQUEUE_EXIT_CODE
                 break
             # no checkpoint inside a streak of non-finite steps: the newest stays one from before the fault
             if cfg.train.save_every and st.step % cfg.train.save_every == 0 and st.step < cfg.train.max_steps \
                     and st.bad_steps == 0:
-                ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
+                save_checkpoint()
     finally:
         batches.close()  # shut the data-loader workers down (they ignore stop signals)
     summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
     if exit_code == 0:
-        final = ckpt.dir / f"step_{st.step:08d}"
-        if not final.exists():
-            ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
+        save_checkpoint()
         if cfg.data.val_shards and cfg.train.task != "itm":
             if last_eval.get("step") == st.step:  # evaluated at this very step already
                 summary["eval"] = last_eval["result"]
             else:
                 summary["eval"] = _evaluate(cfg, engines, metrics, st.step)
-            keep_if_best(st, summary["eval"], ckpt, engines, loader, task, cfg, env)
+            keep_if_best(st, summary["eval"], save_checkpoint, engines.student_module, cfg, env.is_main, control)
             summary["best"] = st.best
         if env.is_main:
             from .export import export_from_checkpoint
@@ -296,22 +302,36 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     metrics.image("attention/teacher_vs_student", img, step)
 
 
-def keep_if_best(st: TrainState, result: dict, ckpt, engines, loader, task, cfg, env) -> None:
+def keep_if_best(st: TrainState, result: dict, save_checkpoint, module, cfg, is_main: bool, control) -> None:
     """Model selection on the dev split (``data.val_shards``) only: when this evaluation
     beats every earlier one, the weights of this step (exact fp32 master weights from a
     checkpoint, saved now if this step has none) are exported to ``RUN_DIR/best`` with
-    ``best.json`` naming the step and score.  The best score survives resumption."""
-    if st.best is not None and result["accuracy"] <= st.best["accuracy"]:
+    ``best.json`` naming the step and score.  Every rank evaluated the same split; rank 0's
+    verdict is the one all follow (the save is collective).  Not inside a streak of
+    non-finite steps.  The best score is part of the resumable state."""
+    better = st.bad_steps == 0 and (st.best is None or result["accuracy"] > st.best["accuracy"])
+    if not agree(is_main and better, control):
         return
     st.best = {"step": st.step, "accuracy": result["accuracy"]}
-    if not (ckpt.dir / f"step_{st.step:08d}" / "COMPLETE.json").exists():
-        ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
-    if env.is_main:
+    save_checkpoint()
+    if is_main:
         from .export import export_from_checkpoint
         best = Path(cfg.train.output_dir) / "best"
-        export_from_checkpoint(Path(cfg.train.output_dir), best, engines.student_module)
+        export_from_checkpoint(Path(cfg.train.output_dir), best, module)
         (best / "best.json").write_text(json.dumps({**st.best, "split": cfg.data.val_shards}, indent=2))
         log.info("new best on the dev split: %.4f at step %d -> %s", st.best["accuracy"], st.step, best)
+
+
+def best_on_record(st_best: dict | None, run_dir: Path) -> dict | None:
+    """The better of the resumed state's best and ``best/best.json`` (written after the last
+    checkpoint when the final evaluation won)."""
+    f = run_dir / "best" / "best.json"
+    if not f.exists():
+        return st_best
+    rec = json.loads(f.read_text())
+    if st_best is None or rec["accuracy"] > st_best["accuracy"]:
+        return {"step": rec["step"], "accuracy": rec["accuracy"]}
+    return st_best
 
 
 def _own_state(st: TrainState, loader, task) -> dict:

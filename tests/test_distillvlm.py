@@ -124,6 +124,8 @@ def test_token_queue_is_a_fifo_ring_with_a_state_dict():
     assert torch.equal(q2.buf, q.buf) and (q2.ptr, q2.filled) == (q.ptr, q.filled)
     with pytest.raises(ValueError, match="nce_queue_size"):
         losses.TokenQueue(2, 6).load_state_dict(st)
+    # a ring restored on the CPU follows the tokens to their device before it is used
+    assert q2.negatives(0, torch.zeros(1, 3, device="meta")).device.type == "meta"
 
 
 def test_layer_map_default_and_errors():

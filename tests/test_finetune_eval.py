@@ -99,6 +99,28 @@ def test_retrieval_recall_against_naive_ranks():
         assert got[f"t2i_r@{k}"] == pytest.approx(t2i) and got[f"i2t_r@{k}"] == pytest.approx(i2t)
 
 
+def test_retrieval_counts_each_image_once_when_a_batch_repeats_it():
+    from dide_scale.evaluate import evaluate_retrieval
+    from dide_scale.inference import DualEncoderInference
+    from dide_scale.models.student import DualEncoder
+    torch.manual_seed(0)
+    model = DualEncoder(SHAPE, "itm", 2)
+    pix = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.randint(5, 100, (5, 16))
+    mask = torch.ones_like(ids)
+    # captions 0, 1 of image A; 2 of image B (batch 1); 3 of A again, 4 of image C (batch 2)
+    loader = [{"pixels": pix[[0, 0, 1]], "input_ids": ids[:3], "attention_mask": mask[:3], "image_ids": ["A", "A", "B"],
+               "keys": ["k0", "k1", "k2"]},
+              {"pixels": pix[[0, 2]], "input_ids": ids[3:], "attention_mask": mask[3:], "image_ids": ["A", "C"],
+               "keys": ["k3", "k4"]}]
+    res = evaluate_retrieval(model, loader, "itm")
+    assert res["n_images"] == 3 and res["n_texts"] == 5
+    inf = DualEncoderInference(model)
+    sim = inf.pair_scores(inf.encode_texts(ids, mask), inf.encode_images(pix))
+    want = retrieval_recall(sim, torch.tensor([0, 0, 1, 0, 2]))
+    assert {k: res[k] for k in want} == want
+
+
 @pytest.mark.parametrize("scorer", ["itm", "itc"])
 def test_dide_eval_retrieval_on_caption_shards(pretrained, demo_shards, scorer, capsys):
     assert eval_main(["--model", str(pretrained), "--shards", f"{demo_shards}/val/00000.tar", "--retrieval", scorer,
@@ -133,3 +155,13 @@ def test_inference_api_cached_equals_uncached():
     assert torch.allclose(cached, full, atol=1e-5)
     scores = inf.pair_scores(inf.encode_texts(ids, mask), cache)
     assert scores.shape == (6, 3)
+
+
+def test_best_on_record_prefers_the_newer_export(tmp_path):
+    from dide_scale.train import best_on_record
+    assert best_on_record(None, tmp_path) is None
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 20, "accuracy": 0.65, "split": "x"}))
+    # the final evaluation won after the final checkpoint was written: the state lags the export
+    assert best_on_record({"step": 10, "accuracy": 0.6}, tmp_path) == {"step": 20, "accuracy": 0.65}
+    assert best_on_record({"step": 30, "accuracy": 0.7}, tmp_path) == {"step": 30, "accuracy": 0.7}

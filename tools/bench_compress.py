@@ -94,7 +94,9 @@ def table(results: list[dict], args) -> str:
     def ms(vals):
         vals = [100 * v for v in vals]
         return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
-    rows = [("teacher", "fusion teacher (64 wide, 3 blocks)")] + [(k, v[0]) for k, v in VARIANTS.items()]
+    t = results[0]["teacher_shape"]
+    rows = [("teacher", f"fusion teacher ({t['width']} wide, {t['depth']} blocks)")] + \
+        [(k, VARIANTS[k][0]) for k in args.variants.split(",")]
     qtypes = sorted({q for r in results for k, _ in rows for q in r[k]["per_type"]})
     tp = [r["throughput"] for r in results]
     t_params, s_params = tp[0]["teacher_params"], tp[0]["student_params"]
@@ -145,7 +147,9 @@ def main(argv=None) -> int:
                 extra.append(f"teacher.path={tdir}")
             s = train_one(key, _overrides(data, run, args.student_steps, seed, extra), "demo")
             res[key] = s["eval"] | {"train_seconds": s["train_seconds"]}
-        res["throughput"] = measure(tdir, out / f"seed{seed}" / "no_distill" / "export", data)
+        first = args.variants.split(",")[0]  # every variant has the same architecture
+        res["throughput"] = measure(tdir, out / f"seed{seed}" / first / "export", data)
+        res["teacher_shape"] = json.loads((tdir / "config.json").read_text())["shape"]
         results.append(res)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     md = table(results, args)
