@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import rank, world_size
 from .fsutil import atomic_write_text
 
 log = logging.getLogger("dide_scale.checkpoint")
@@ -35,14 +36,6 @@ COMPLETE = "COMPLETE.json"
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rng_state() -> dict:
@@ -108,18 +101,18 @@ class Checkpointer:
     def save(self, engine, step: int, state: dict, config: dict) -> Path:
         tag = tag_for(step)
         d = self.dir / tag
-        if _rank() == 0 and d.exists():  # a stale partial save of the same step
+        if rank() == 0 and d.exists():  # a stale partial save of the same step
             shutil.rmtree(d)
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dide": {"step": step}},
                                save_latest=False)
-        own = {"state": state, "rng": rng_state(), "config": config, "world_size": _world()}
-        tmp = d / f"dide_rank{_rank():05d}.pt.tmp"
+        own = {"state": state, "rng": rng_state(), "config": config, "world_size": world_size()}
+        tmp = d / f"dide_rank{rank():05d}.pt.tmp"
         torch.save(own, tmp)
-        os.replace(tmp, d / f"dide_rank{_rank():05d}.pt")
+        os.replace(tmp, d / f"dide_rank{rank():05d}.pt")
         _barrier()  # every rank has written its shards and its state
-        if _rank() == 0:
-            atomic_write_text(d / COMPLETE, json.dumps({"step": step, "world_size": _world(), "files": manifest(d)}))
+        if rank() == 0:
+            atomic_write_text(d / COMPLETE, json.dumps({"step": step, "world_size": world_size(), "files": manifest(d)}))
             atomic_write_text(self.dir / "latest", tag)
             self.purge()
         _barrier()
@@ -161,8 +154,8 @@ class Checkpointer:
                             set_rng_state(own["rng"])
                         log.info("resumed from %s", d)
                         return own
-                    problem = f"no state for rank {_rank()} (saved at world size {self.saved_world(d)})"
-            if _rank() == 0:
+                    problem = f"no state for rank {rank()} (saved at world size {self.saved_world(d)})"
+            if rank() == 0:
                 log.warning("skipping checkpoint %s: %s", d, problem)
         return None
 
@@ -170,12 +163,12 @@ class Checkpointer:
         from .engine import convert_to_universal, load_universal
         saved_world = self.saved_world(self.dir / tag)
         try:
-            if saved_world != _world():
+            if saved_world != world_size():
                 # another world size: DeepSpeed's universal format re-partitions the state
                 log.warning("checkpoint %s was written by %d ranks, resuming on %d: converting to DeepSpeed's "
-                            "universal format", tag, saved_world, _world())
+                            "universal format", tag, saved_world, world_size())
                 error = None
-                if _rank() == 0:
+                if rank() == 0:
                     try:
                         convert_to_universal(self.dir, tag, self.dir / "universal")
                     except RuntimeError as e:
@@ -196,8 +189,8 @@ class Checkpointer:
     def _own_state(self, d: Path) -> dict | None:
         """This rank's saved state; after a world-size change, rank 0's counters with the
         data position and RNG marked as not transferable."""
-        p = d / f"dide_rank{_rank():05d}.pt"
-        if self.saved_world(d) == _world() and p.exists():
+        p = d / f"dide_rank{rank():05d}.pt"
+        if self.saved_world(d) == world_size() and p.exists():
             return torch.load(p, map_location="cpu", weights_only=True)
         p0 = d / "dide_rank00000.pt"
         if not p0.exists():

@@ -36,6 +36,18 @@ class DistEnv:
                           LOCAL_SIZE=os.environ.get("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
 
 
+def world_size() -> int:
+    """Ranks in the initialised process group (1 without one)."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the initialised process group (0 without one)."""
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

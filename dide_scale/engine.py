@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
+from .distributed import world_size
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
@@ -178,7 +179,7 @@ def build_engines(cfg: RunConfig, ds_config: dict, student: nn.Module, teacher: 
         if cfg.train.zero_stage == 3:
             t_cfg = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
                      "gradient_accumulation_steps": 1,
-                     "train_batch_size": ds_config["train_micro_batch_size_per_gpu"] * _world(),
+                     "train_batch_size": ds_config["train_micro_batch_size_per_gpu"] * world_size(),
                      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                            **({"offload_param": {"device": "cpu"}} if cfg.train.offload else {})},
                      "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
@@ -189,11 +190,6 @@ def build_engines(cfg: RunConfig, ds_config: dict, student: nn.Module, teacher: 
         else:
             t_engine = teacher.to(device=dev, dtype=dtype)
     return Engines(engine, t_engine, dtype, dev, partitioned)
-
-
-def _world() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def local_param_fraction(module: nn.Module) -> float:

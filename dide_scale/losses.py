@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .distributed import rank, world_size
 from .models.attention import CrossQK, JointStates, cross_log_probs, t2i_i2t
 
 
@@ -80,7 +81,7 @@ def vqa_ground_truth(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank; gradients flow back to each rank's own slice."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
     import torch.distributed.nn.functional as dnnf
     return torch.cat(dnnf.all_gather(x), dim=0)
@@ -89,18 +90,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch (embeddings gathered across ranks with grad)."""
     all_t, all_i = gather_with_grad(text_emb), gather_with_grad(image_emb)
-    offset = 0
-    if dist.is_available() and dist.is_initialized():
-        offset = dist.get_rank() * text_emb.shape[0]
-    labels = torch.arange(text_emb.shape[0], device=text_emb.device) + offset
+    labels = torch.arange(text_emb.shape[0], device=text_emb.device) + rank() * text_emb.shape[0]
     scale = logit_scale.exp().clamp(max=100)
     logits_t2i = scale * text_emb @ all_i.t()
     logits_i2t = scale * image_emb @ all_t.t()
     return 0.5 * (F.cross_entropy(logits_t2i.float(), labels) + F.cross_entropy(logits_i2t.float(), labels))
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
@@ -115,15 +109,15 @@ def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, across_
     """
     b = text_emb.shape[0]
     offset, all_t, all_i = 0, text_emb, image_emb
-    if across_ranks and _world() > 1:
-        sizes = [torch.zeros(1, dtype=torch.long, device=text_emb.device) for _ in range(_world())]
+    if across_ranks and world_size() > 1:
+        sizes = [torch.zeros(1, dtype=torch.long, device=text_emb.device) for _ in range(world_size())]
         dist.all_gather(sizes, torch.tensor([b], device=text_emb.device))
         if any(int(n) != b for n in sizes):
             raise ValueError(f"hard-negative mining across ranks needs the same micro-batch on every rank, got "
                              f"{[int(n) for n in sizes]}; set loss.itm_negatives=local")
         all_t = torch.cat(_all_gather(text_emb.contiguous()))
         all_i = torch.cat(_all_gather(image_emb.contiguous()))
-        offset = dist.get_rank() * b
+        offset = rank() * b
     if all_t.shape[0] < 2:
         raise ValueError("hard-negative mining needs at least 2 pairs")
     own = torch.zeros(b, all_t.shape[0], dtype=torch.bool, device=text_emb.device)
@@ -136,7 +130,7 @@ def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, across_
 
 
 def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
-    out = [torch.empty_like(x) for _ in range(_world())]
+    out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x)
     return out
 
@@ -147,10 +141,10 @@ def gather_rows(tensors: list[torch.Tensor], idx: torch.Tensor, across_ranks: bo
     only the rows others asked for (two ``all_to_all`` exchanges: the requests, then the
     rows); gradients of the fetched rows flow back to the rank that owns them.  Every rank's
     tensors have the same row count."""
-    if not across_ranks or _world() == 1:
+    if not across_ranks or world_size() == 1:
         return [t[idx] for t in tensors]
     import torch.distributed.nn.functional as dnnf
-    b, world = tensors[0].shape[0], _world()
+    b, world = tensors[0].shape[0], world_size()
     owner, local_idx = idx // b, idx % b
     order = torch.argsort(owner, stable=True)
     ask = torch.bincount(owner, minlength=world)  # rows this rank asks of each rank
@@ -290,10 +284,10 @@ def _gather_newest(x: torch.Tensor, keep_last: int) -> torch.Tensor:
     Only rows that survive are sent: rank r contributes its newest rows that fall inside the
     global tail (padded to the largest contribution for the all-gather), so each rank sends
     at most ``keep_last`` rows whatever the global token count."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x[:, -keep_last:]
     n = torch.tensor([x.shape[1]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(counts, n)
     counts = [int(c) for c in counts]
     keep = []
@@ -302,7 +296,7 @@ def _gather_newest(x: torch.Tensor, keep_last: int) -> torch.Tensor:
         keep.append(max(0, min(c, keep_last - later)))
         later += c
     keep.reverse()
-    mine = keep[dist.get_rank()]
+    mine = keep[rank()]
     padded = x.new_zeros(x.shape[0], max(max(keep), 1), x.shape[2])
     if mine:
         padded[:, :mine] = x[:, x.shape[1] - mine:]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dide_scale.demo import _overrides, make_data, train_one
+from dide_scale.demo import _last, _overrides, make_data, train_one
 from dide_scale.inference import throughput
 
 VARIANTS = {
@@ -62,15 +62,11 @@ def evaluate_export(path: Path, data: Path) -> dict:
     from dide_scale.data.pipeline import build_loader
     from dide_scale.evaluate import evaluate
     from dide_scale.models.build import load_pretrained
-    cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/{{00000..{_last(data)}}}.tar", "data.num_workers=0"])
+    cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/{{00000..{_last(data / 'vqa' / 'val')}}}.tar",
+                               "data.num_workers=0"])
     res = evaluate(load_pretrained(path).eval(), build_loader(cfg, "val", batch_size=256), "vqa", "cpu")
     res.pop("predictions", None)
     return res
-
-
-def _last(data: Path) -> str:
-    from dide_scale.data.shards import read_sizes
-    return sorted(read_sizes(data / "vqa" / "val"))[-1][:-4]
 
 
 def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) -> dict:

@@ -125,6 +125,35 @@ class QKTap:
         return qkv[0], qkv[1]
 
 
+def run_tapped(taps: list, wanted: set[int], fn):
+    """``fn()`` with the taps of the ``wanted`` blocks switched on (``QKTap`` or any object
+    with ``enabled`` and ``take()``); returns (its result, {block: (q, k)}).  The taps are
+    switched off again whatever happens."""
+    for i in wanted:
+        taps[i].enabled = True
+    try:
+        result = fn()
+        return result, {i: taps[i].take() for i in wanted}
+    finally:
+        for i in wanted:
+            taps[i].enabled = False
+
+
+def joint_outputs(qks: dict, capture_layer: int | None, text_mask: torch.Tensor, layers: tuple[int, ...],
+                  hidden: list[torch.Tensor], mask: torch.Tensor) -> tuple[CrossQK | None, JointStates | None]:
+    """What a fusion model's pass over ``[text ; image]`` hands the losses: the CrossQK cut at
+    ``capture_layer`` (None: not capturing) and the JointStates of ``layers`` (block outputs
+    ``hidden`` in the same order)."""
+    qk = states = None
+    if capture_layer is not None:
+        q, k = qks[capture_layer]
+        nt = text_mask.shape[1]
+        qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], text_mask.bool())
+    if layers:
+        states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers], hidden, mask)
+    return qk, states
+
+
 def resolve_layer(index: int, depth: int, name: str) -> int:
     """A possibly negative block index -> 0..depth-1, with an error naming the setting."""
     i = index + depth if index < 0 else index

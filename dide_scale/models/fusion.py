@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
+from .attention import QKTap, additive_mask, joint_outputs, resolve_layer, run_tapped
 from .student import Normalize, StudentOutput, TowerShape, bert_embeddings, mlp_head
 
 
@@ -87,46 +87,37 @@ class FusionEncoder(nn.Module):
         x = self.vit._pos_embed(self.vit.patch_embed(self.normalize(pixels)))  # [CLS] + patches
         return x + self.token_type.weight[type_id]
 
+    def _run_blocks(self, x, add, layers: tuple[int, ...]):
+        """The blocks over the joint sequence: (output, {block: its output} for ``layers``)."""
+        hidden = {}
+        for i, blk in enumerate(self.vit.blocks):
+            if self.vit.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, add, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=add)
+            if i in layers:
+                hidden[i] = x
+        return x, hidden
+
     def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
               layers: tuple[int, ...] = ()):
         """(pooled state, CrossQK or None, JointStates or None) of one (text, image) pass."""
         text = self.text_embeddings(input_ids=input_ids) + self.token_type.weight[0]
         image = self.embed_image(pixels, type_id)
-        nt = text.shape[1]
         x = torch.cat([text, image], dim=1)
         mask = torch.cat([attention_mask.bool(),
                           torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
         add = additive_mask(mask, x.dtype)
-        tapped = set(layers) | ({self.tap_layer} if capture else set())
-        for i in tapped:
-            self.taps[i].enabled = True
-        hidden = {}
-        try:
-            for i, blk in enumerate(self.vit.blocks):
-                if self.vit.grad_checkpointing and self.training:
-                    x = checkpoint(blk, x, add, use_reentrant=False)
-                else:
-                    x = blk(x, attn_mask=add)
-                if i in layers:
-                    hidden[i] = x
-            qks = {i: self.taps[i].take() for i in tapped}
-        finally:
-            for i in tapped:
-                self.taps[i].enabled = False
+        (x, hidden), qks = run_tapped(self.taps, set(layers) | ({self.tap_layer} if capture else set()),
+                                      lambda: self._run_blocks(x, add, layers))
         pooled = self.pooler(self.vit.norm(x)[:, 0])
-        qk = states = None
-        if capture:
-            q, k = qks[self.tap_layer]
-            qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
-        if layers:
-            h = [hidden[i] for i in layers]
-            if self.distill_proj is not None:
-                if len(self.distill_proj) != len(layers):
-                    raise ValueError(f"{len(layers)} mapped blocks but {len(self.distill_proj)} distillation "
-                                     "projections (loss.layer_map changed since the model was built?)")
-                h = [proj(v) for proj, v in zip(self.distill_proj, h)]
-            states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers], h, mask)
-        return pooled, qk, states
+        h = [hidden[i] for i in layers]
+        if layers and self.distill_proj is not None:
+            if len(self.distill_proj) != len(layers):
+                raise ValueError(f"{len(layers)} mapped blocks but {len(self.distill_proj)} distillation "
+                                 "projections (loss.layer_map changed since the model was built?)")
+            h = [proj(v) for proj, v in zip(self.distill_proj, h)]
+        return (pooled, *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, h, mask))
 
     def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
                 itc: bool = False, layers: tuple[int, ...] = ()) -> StudentOutput:
@@ -137,15 +128,9 @@ class FusionEncoder(nn.Module):
             t_idx, i_idx = random_negative_rows(input_ids.shape[0], input_ids.device)
             pixels, input_ids, attention_mask = pixels[i_idx], input_ids[t_idx], attention_mask[t_idx]
             rows = {"pixels": pixels, "input_ids": input_ids, "attention_mask": attention_mask}
-        pooled, qk, states = self.joint(pixels, input_ids, attention_mask, 1, capture, layers)
-        out = StudentOutput(None, [qk] if capture else [], rows, states=[states] if layers else [])
-        if self.task == "nlvr2":
-            if pixels2 is None:
-                raise ValueError("nlvr2 needs two images")
-            pooled2, qk2, states2 = self.joint(pixels2, input_ids, attention_mask, 2, capture, layers)
-            out.qk += [qk2] if capture else []
-            out.states += [states2] if layers else []
-            pooled = torch.cat([pooled, pooled2], -1)
+        pooled, out = joint_passes(self.joint, pixels, input_ids, attention_mask, pixels2, capture, layers,
+                                   self.task == "nlvr2")
+        out.rows = rows
         out.logits = self.head(pooled)
         return out
 
@@ -155,6 +140,23 @@ class FusionEncoder(nn.Module):
     def export_config(self) -> dict:
         return {"model_type": "dide_fusion", "task": self.task, "num_classes": self.num_classes,
                 "shape": asdict(self.shape)}
+
+
+def joint_passes(joint, pixels, input_ids, attention_mask, pixels2, capture: bool, layers: tuple[int, ...],
+                 nlvr2: bool) -> tuple[torch.Tensor, StudentOutput]:
+    """One ``joint`` pass (two for NLVR2: the text with each image, image token types 1 and 2)
+    of a fusion model: (pooled state, the two concatenated for NLVR2; a StudentOutput holding
+    every pass's CrossQK / JointStates, logits still to fill)."""
+    pooled, qk, states = joint(pixels, input_ids, attention_mask, 1, capture, layers)
+    out = StudentOutput(None, [qk] if capture else [], states=[states] if layers else [])
+    if nlvr2:
+        if pixels2 is None:
+            raise ValueError("nlvr2 needs two images")
+        pooled2, qk2, states2 = joint(pixels2, input_ids, attention_mask, 2, capture, layers)
+        out.qk += [qk2] if capture else []
+        out.states += [states2] if layers else []
+        pooled = torch.cat([pooled, pooled2], -1)
+    return pooled, out
 
 
 def random_negative_rows(b: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossQK, JointStates, resolve_layer
+from .attention import joint_outputs, resolve_layer, run_tapped
+from .fusion import joint_passes
 from .student import VILT_MEAN, VILT_STD, Normalize, StudentOutput
 
 TASK_CLASSES = {
@@ -231,42 +232,22 @@ class HFViltTeacher(nn.Module):
                              f"text positions (max_position_embeddings); truncate to {self.max_text_len}")
         image = self.embed_image(pixels)
         pixel_mask = torch.ones(image.shape[0], 1, image.shape[1], dtype=torch.long, device=image.device)
-        tapped = set(layers) | ({self.tap_layer} if capture else set())
-        for i in tapped:
-            self._taps[i].enabled = True
-        try:
-            out = self.vilt(input_ids=input_ids, attention_mask=attention_mask.long(), image_embeds=image,
-                            pixel_mask=pixel_mask, image_token_type_idx=type_id, return_dict=True,
-                            output_hidden_states=bool(layers))
-            qks = {i: self._taps[i].take() for i in tapped}
-        finally:
-            for i in tapped:
-                self._taps[i].enabled = False
-        qk = states = None
-        if capture:
-            q, k = qks[self.tap_layer]
-            qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], attention_mask.bool())
-        if layers:
-            mask = torch.cat([attention_mask.bool(), pixel_mask[:, 0].bool()], dim=1)
-            states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers],
-                                 [out.hidden_states[i + 1] for i in layers], mask)  # [0] is the embeddings
-        return out.pooler_output, qk, states
+        out, qks = run_tapped(self._taps, set(layers) | ({self.tap_layer} if capture else set()), lambda: self.vilt(
+            input_ids=input_ids, attention_mask=attention_mask.long(), image_embeds=image, pixel_mask=pixel_mask,
+            image_token_type_idx=type_id, return_dict=True, output_hidden_states=bool(layers)))
+        mask = torch.cat([attention_mask.bool(), pixel_mask[:, 0].bool()], dim=1)
+        hidden = [out.hidden_states[i + 1] for i in layers]  # [0] is the embeddings
+        return (out.pooler_output,
+                *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, hidden, mask))
 
     def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
                 layers: tuple[int, ...] = ()) -> StudentOutput:
-        pooled, qk, states = self.joint(pixels, input_ids, attention_mask, 1, capture, layers)
-        out = StudentOutput(None, [qk] if capture else [], states=[states] if layers else [])
-        if self.task == "nlvr2":
-            if pixels2 is None:
-                raise ValueError("nlvr2 needs two images")
-            pooled2, qk2, states2 = self.joint(pixels2, input_ids, attention_mask, 2, capture, layers)
-            out.qk += [qk2] if capture else []
-            out.states += [states2] if layers else []
-            out.logits = self.model.classifier(torch.cat([pooled, pooled2], dim=-1))
-        elif self.task == "itm":
+        pooled, out = joint_passes(self.joint, pixels, input_ids, attention_mask, pixels2, capture, layers,
+                                   self.task == "nlvr2")
+        if self.task == "itm":
             s = self.model.rank_output(pooled)  # [B, 1]: the "match" logit
             out.logits = torch.cat([-0.5 * s, 0.5 * s], dim=-1)
-        else:
+        else:  # VQA / SNLI-VE head, or NLVR2's over the two concatenated pooled states
             out.logits = self.model.classifier(pooled)
         return out
 
