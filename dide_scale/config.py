@@ -43,8 +43,11 @@ class ArchConfig:
     """MLP hidden size / width."""
     patch_size: int = 32
     """Square image patch side in pixels."""
-    image_size: list[int] = field(default_factory=lambda: [384, 640])
-    """Input image [height, width] in pixels; both must be multiples of patch_size."""
+    image_size: list[int] = field(default_factory=lambda: [384, 384])
+    """[height, width] in pixels that the learned position table covers (a table of
+    image_size / patch_size positions, ViLT-B/32's is 12 x 12); each image's own patch grid
+    gets its position embeddings interpolated from it (bilinear, corners aligned), as ViLT
+    does. The images themselves are sized by data.image_*."""
     max_text_len: int = 40
     """Text tokens including [CLS] and [SEP]; longer captions are truncated."""
     vocab_size: int = 30522
@@ -67,8 +70,9 @@ class ArchConfig:
                 raise ConfigError(f"{prefix}.{name} must be > 0")
 
     @property
-    def num_patches(self) -> int:
-        return (self.image_size[0] // self.patch_size) * (self.image_size[1] // self.patch_size)
+    def pos_grid(self) -> tuple[int, int]:
+        """Rows and columns of the position table."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
 
 @dataclass
@@ -98,6 +102,13 @@ class TeacherConfig:
     checkpoint. Empty only when no distillation loss is used."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     """Shape of a 'fusion' teacher (ignored for 'hf_vilt', whose config.json decides)."""
+    label_names: list[str] = field(default_factory=list)
+    """The teacher's output names in its output order, for a checkpoint whose config.json has
+    none (id2label missing or LABEL_0, LABEL_1, ...); normally read from id2label. Soft labels
+    are matched to the student's labels by these names, never by index."""
+    min_label_overlap: float = 0.9
+    """VQA: the least fraction of the student's answers the teacher must know (the rest are
+    left out of the soft-label loss); below it the run is refused before it starts."""
 
 
 @dataclass
@@ -170,6 +181,25 @@ class DataConfig:
     """A transformers tokenizer directory or hub id; 'builtin:demo' for the demo vocabulary."""
     max_image_pixels: int = 40_000_000
     """Images larger than this (read from the header, before decode) are skipped."""
+    image_resize: str = "vilt"
+    """'vilt': keep the aspect ratio, the shorter side to image_shorter and the longer side at
+    most image_longer, both floored to multiples of student.arch.patch_size (ViLT's rule;
+    portrait images keep their long side vertical), padding masked; 'stretch': every image
+    resized to exactly image_shorter x image_longer (height x width), aspect ratio lost."""
+    image_shorter: int = 384
+    """Target of the shorter image side in pixels (ViLT: 384)."""
+    image_longer: int = 639
+    """Cap of the longer image side in pixels. ViLT computes it as int(1333 / 800 * 384) = 639
+    (transformers' ViltImageProcessor too; the paper rounds it to 640)."""
+    jpeg_draft: bool = False
+    """Decode large JPEGs at a reduced DCT scale before the resize: several times faster for
+    photos much larger than the target, but the pixels differ slightly from the teacher's own
+    preprocessing (off by default)."""
+    randaugment_ops: int = 0
+    """RandAugment ops per image (torchvision's RandAugment, as DiDE's *_randaug fine-tuning
+    configs: 2); 0 disables it. Training split only."""
+    randaugment_magnitude: int = 9
+    """RandAugment magnitude (0-30; DiDE: 9)."""
     num_answers: int = 3129
     """VQA answer vocabulary size."""
     answer_vocab: str = ""
@@ -317,11 +347,7 @@ class RunConfig:
             raise ConfigError(
                 f"loss.head_map=per_head needs teacher.arch.heads ({self.teacher.arch.heads}) == "
                 f"student.arch.heads ({self.student.arch.heads}); set loss.head_map=mean")
-        if self.teacher.kind == "fusion" and lo.distills():
-            problem = patch_alignment(self.teacher.arch.image_size, self.teacher.arch.patch_size,
-                                      self.student.arch.image_size, self.student.arch.patch_size)
-            if problem:
-                raise ConfigError(problem)
+        self._check_images()
         if self.train.task == "vqa" and self.data.num_answers <= 1:
             raise ConfigError("data.num_answers must be > 1 for train.task=vqa")
         if self.data.train_weights and self.data.train_shards and \
@@ -334,28 +360,26 @@ class RunConfig:
             raise ConfigError("optim.lr must be > 0")
         return self
 
+    def _check_images(self) -> None:
+        d, p = self.data, self.student.arch.patch_size
+        if d.image_resize not in ("vilt", "stretch"):
+            raise ConfigError(f"data.image_resize={d.image_resize!r} must be 'vilt' or 'stretch'")
+        if d.image_shorter < p:
+            raise ConfigError(f"data.image_shorter={d.image_shorter} is smaller than one patch "
+                              f"(student.arch.patch_size={p})")
+        if d.image_longer < d.image_shorter:
+            raise ConfigError(f"data.image_longer={d.image_longer} must be >= data.image_shorter={d.image_shorter}")
+        if d.image_resize == "stretch" and (d.image_shorter % p or d.image_longer % p):
+            raise ConfigError(f"data.image_resize=stretch needs data.image_shorter={d.image_shorter} and "
+                              f"data.image_longer={d.image_longer} to be multiples of student.arch.patch_size={p}")
+        if d.randaugment_ops < 0 or not 0 <= d.randaugment_magnitude <= 30:
+            raise ConfigError("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in 0..30")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def patch_alignment(t_size, t_patch: int, s_size, s_patch: int) -> str | None:
-    """None when the teacher's patch grid covers the image exactly as the student's does
-    (then each teacher token and student token see the same image region; the teacher gets
-    the pixels resampled to its resolution when the two differ), else the error message.
-    Used for the project's fusion teacher, whose position table fixes its grid."""
-    t_grid = [side // t_patch for side in t_size]
-    s_grid = [side // s_patch for side in s_size]
-    if t_grid == s_grid:
-        return None
-    want = [g * s_patch for g in t_grid]
-    return (f"visual tokens do not line up: the teacher sees a {t_grid[0]}x{t_grid[1]} patch grid "
-            f"(teacher.arch.image_size={list(t_size)}, patch_size={t_patch}) and the student a "
-            f"{s_grid[0]}x{s_grid[1]} grid (student.arch.image_size={list(s_size)}, patch_size={s_patch}); "
-            f"distillation compares token by token, so the grids must be equal: set "
-            f"student.arch.image_size={want} (teacher grid x student patch)")
 
 
 # -- building from dicts ----------------------------------------------------------------------

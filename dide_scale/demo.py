@@ -72,7 +72,8 @@ def measure_throughput(run_dir: Path, data: Path, config: str, n: int = 256) -> 
     teacher = load_pretrained(run_dir / "teacher" / "export")
     student = load_pretrained(run_dir / "dide" / "export")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return compare_vqa_throughput(student, teacher, batch["pixels"], batch["input_ids"], batch["attention_mask"],
+    from .models.images import from_batch
+    return compare_vqa_throughput(student, teacher, from_batch(batch), batch["input_ids"], batch["attention_mask"],
                                   questions_per_image=4)
 
 

@@ -19,7 +19,7 @@ from .task import batch_to_device
 
 def model_logits(model, b: dict) -> torch.Tensor:
     """Logits of a DualEncoder or FusionEncoder/HF teacher for an evaluation batch."""
-    out = model(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"))
+    out = model(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"))
     return out.logits
 
 
@@ -99,6 +99,7 @@ def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=t
     score matrix is the ITM head over every (text, image) pair from the cached [CLS] vectors
     (``scorer='itm'``) or the cosine of the contrastive embeddings (``'itc'``, N + M work)."""
     from .inference import DualEncoderInference
+    from .models.images import from_batch
     if not hasattr(model, "encode_image"):
         raise ValueError("retrieval evaluation needs a dual encoder (a fusion model would need one joint pass "
                          "per image-text pair)")
@@ -116,12 +117,12 @@ def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=t
                 index[iid] = len(index)
                 new.append(j)
         if new:
-            images.append(inf.encode_images(batch["pixels"][new]))
+            images.append(inf.encode_images(from_batch(batch)[new]))
         texts.append(inf.encode_texts(batch["input_ids"], batch["attention_mask"]))
         text_image += [index[iid] for iid in ids]
     t, im = torch.cat(texts), torch.cat(images)
     if scorer == "itc":
-        te, ie = model.pooled(t, im)
+        te, ie = model.contrastive_embeddings(t, im)
         sim = te @ ie.t()
     else:
         sim = inf.pair_scores(t, im)

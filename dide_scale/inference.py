@@ -1,7 +1,7 @@
 """Inference with the dual encoder: encode images once, cache them, fuse with any text.
 
-The student's fusion only reads the two [CLS] states, so an image's cached embedding is a
-single vector: answering a new question about a cached image costs one text-tower pass
+The student's fusion only reads the two pooled [CLS] vectors, so an image's cached
+embedding is a single vector: answering a new question about a cached image costs one text-tower pass
 plus a small MLP, and scoring N images x M texts costs N + M tower passes plus N x M MLP
 evaluations (never N x M transformer passes, as a fusion model needs).
 """
@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .models.images import Images
+
 
 class DualEncoderInference:
     """Batch API over an (exported or in-training) DualEncoder."""
@@ -21,18 +23,20 @@ class DualEncoderInference:
         self.model = model.eval().to(device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
 
-    def _pix(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device)
-        return pixels.to(self.dtype).div(255.0) if pixels.dtype == torch.uint8 else pixels.to(self.dtype)
+    def _images(self, images: Images) -> Images:
+        p = images.patches.to(self.device)
+        p = p.to(self.dtype).div(255.0) if p.dtype == torch.uint8 else p.to(self.dtype)
+        return Images(p, images.coord.to(self.device), images.valid.to(self.device))
 
     @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0,1] float images [N,3,H,W] -> cached embeddings [N, width]."""
-        return self.model.encode_image(self._pix(pixels), cls_only=True)[:, 0]
+    def encode_images(self, images: Images) -> torch.Tensor:
+        """Images (uint8 or [0,1] patches) -> cached embeddings [N, width] (pooled [CLS])."""
+        return self.model.pool_image(self.model.encode_image(self._images(images), cls_only=True))
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device), cls_only=True)[:, 0]
+        return self.model.pool_text(self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device),
+                                                           cls_only=True))
 
     @torch.inference_mode()
     def predict(self, text_emb: torch.Tensor, image_emb: torch.Tensor, image_emb2: torch.Tensor | None = None):
@@ -74,7 +78,7 @@ def throughput(fns: dict[str, Callable[[], object]], n_items: int, warmup: int =
     return {k: n_items / statistics.median(v) for k, v in times.items()}
 
 
-def compare_vqa_throughput(student, teacher, pixels: torch.Tensor, input_ids: torch.Tensor,
+def compare_vqa_throughput(student, teacher, images: Images, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor, questions_per_image: int = 1, device="cpu",
                            dtype=torch.float32, repeats: int = 5, sync=lambda: None,
                            ablate_cls_only: bool = False) -> dict[str, float]:
@@ -83,18 +87,19 @@ def compare_vqa_throughput(student, teacher, pixels: torch.Tensor, input_ids: to
     ``ablate_cls_only`` also times the cached path with a full last text block."""
     inf = DualEncoderInference(student, device, dtype)
     teacher = teacher.eval().to(device=device, dtype=dtype)
-    pix = pixels.to(device).to(dtype).div(255.0) if pixels.dtype == torch.uint8 else pixels.to(device, dtype)
+    imgs = inf._images(images)
     ids, mask = input_ids.to(device), attention_mask.to(device)
     n = ids.shape[0]
     img_idx = torch.arange(n, device=device) // questions_per_image  # several questions per image
-    cache = inf.encode_images(pix[: (n + questions_per_image - 1) // questions_per_image])
+    rows = imgs[img_idx % len(imgs)]
+    cache = inf.encode_images(imgs[: (n + questions_per_image - 1) // questions_per_image])
 
     @torch.inference_mode()
     def run_teacher():
-        return teacher(pix[img_idx % pix.shape[0]], ids, mask)
+        return teacher(rows, ids, mask)
 
     def run_uncached():
-        return inf.predict(inf.encode_texts(ids, mask), inf.encode_images(pix[img_idx % pix.shape[0]]))
+        return inf.predict(inf.encode_texts(ids, mask), inf.encode_images(rows))
 
     def run_cached():
         return inf.predict(inf.encode_texts(ids, mask), cache[img_idx % cache.shape[0]])
@@ -103,7 +108,8 @@ def compare_vqa_throughput(student, teacher, pixels: torch.Tensor, input_ids: to
     if ablate_cls_only:
         @torch.inference_mode()
         def run_cached_full_last_block():
-            return inf.predict(inf.model.encode_text(ids, mask)[:, 0], cache[img_idx % cache.shape[0]])
+            t = inf.model.pool_text(inf.model.encode_text(ids, mask))
+            return inf.predict(t, cache[img_idx % cache.shape[0]])
         fns["student_cached_full_last_block"] = run_cached_full_last_block
     res = throughput(fns, n, rounds=repeats, sync=sync)
     res["speedup_uncached"] = res["student_uncached"] / res["teacher"]

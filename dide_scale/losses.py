@@ -50,7 +50,8 @@ def attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, query_mask: torch.T
 
 def cross_attention_losses(teacher: list[CrossQK], student: list[CrossQK], head_map: str
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_t2i, L_i2t) averaged over the image passes (two for NLVR2)."""
+    """(L_t2i, L_i2t), summed over the image passes (NLVR2 has two, and DiDE adds both
+    passes' losses)."""
     t2i, i2t = [], []
     for tq, sq in zip(teacher, student, strict=True):
         with torch.no_grad():
@@ -58,13 +59,19 @@ def cross_attention_losses(teacher: list[CrossQK], student: list[CrossQK], head_
         st, si = t2i_i2t(sq)
         t2i.append(attention_kl(tt, st, sq.text_mask, head_map))
         i2t.append(attention_kl(ti, si, sq.image_mask, head_map))
-    return torch.stack(t2i).mean(), torch.stack(i2t).mean()
+    return torch.stack(t2i).sum(), torch.stack(i2t).sum()
 
 
-def soft_label_bce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
-    """VQA: BCEWithLogits(student, sigmoid(teacher / T)) * n_answers."""
+def soft_label_bce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                   present: torch.Tensor | None = None) -> torch.Tensor:
+    """VQA: BCEWithLogits(student, sigmoid(teacher / T)) * n_answers, i.e. summed over answers
+    and averaged over the batch.  ``present`` [n_answers] bool leaves out the answers the
+    teacher does not know (their teacher logits are meaningless)."""
     target = torch.sigmoid(teacher_logits.float() / temperature)
-    return F.binary_cross_entropy_with_logits(student_logits.float(), target) * student_logits.shape[-1]
+    bce = F.binary_cross_entropy_with_logits(student_logits.float(), target, reduction="none")
+    if present is not None:
+        bce = bce * present.to(bce.dtype)
+    return bce.sum(-1).mean()
 
 
 def soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
@@ -72,6 +79,25 @@ def soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     t = F.log_softmax(teacher_logits.float() / temperature, -1)
     s = F.log_softmax(student_logits.float() / temperature, -1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def itm_candidate_lists(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row match scores of the ITM rows [positives; (text, negative image); (negative
+    text, image)] ([3B]) -> each anchor's candidate list [2B, 2]: every text's (positive,
+    its negative image) and every image's (positive, its negative text)."""
+    pos, neg_img, neg_txt = scores.chunk(3)
+    return torch.cat([torch.stack([pos, neg_img], -1), torch.stack([pos, neg_txt], -1)])
+
+
+def itm_listwise_kl(student_logits: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0):
+    """ITM distillation from a ranking teacher (transformers' ``ViltForImageAndTextRetrieval``,
+    whose ``rank_output`` was trained with a softmax over each query's candidates, so only
+    score differences within a candidate list mean anything): KL between the teacher's and
+    the student's distributions over each anchor's candidates, * T^2, mean over anchors.
+    The student's score of a row is its match log-odds (logit[1] - logit[0])."""
+    s = student_logits.float()
+    t = itm_candidate_lists(teacher_scores.float().reshape(-1))
+    return soft_label_kl(itm_candidate_lists(s[:, 1] - s[:, 0]), t, temperature)
 
 
 def vqa_ground_truth(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
@@ -87,21 +113,25 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnnf.all_gather(x), dim=0)
 
 
-def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch (embeddings gathered across ranks with grad)."""
-    all_t, all_i = gather_with_grad(text_emb), gather_with_grad(image_emb)
-    labels = torch.arange(text_emb.shape[0], device=text_emb.device) + rank() * text_emb.shape[0]
-    scale = logit_scale.exp().clamp(max=100)
-    logits_t2i = scale * text_emb @ all_i.t()
-    logits_i2t = scale * image_emb @ all_t.t()
-    return 0.5 * (F.cross_entropy(logits_t2i.float(), labels) + F.cross_entropy(logits_i2t.float(), labels))
+def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (embeddings gathered across ranks with grad);
+    ``scale`` = 1 / temperature.  Computed in fp32 (the similarities of a bf16 run lose
+    too much precision before the softmax otherwise)."""
+    t, i = text_emb.float(), image_emb.float()
+    all_t, all_i = gather_with_grad(t), gather_with_grad(i)
+    labels = torch.arange(t.shape[0], device=t.device) + rank() * t.shape[0]
+    scale = scale.float()
+    return 0.5 * (F.cross_entropy(scale * t @ all_i.t(), labels) + F.cross_entropy(scale * i @ all_t.t(), labels))
 
 
 @torch.no_grad()
-def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, across_ranks: bool = True,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor | float = 1.0,
+                        across_ranks: bool = True, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each local pair, sample a hard negative image for its text and a hard negative text
-    for its image, with probability softmax(similarity), never the pair itself.
+    for its image, with probability softmax(similarity * scale), never the pair itself.
+    ``scale`` is the contrastive loss's 1 / temperature (ALBEF's choice): with raw cosines in
+    [-1, 1] the distribution over a large candidate set is nearly uniform.
 
     ``across_ranks``: candidates are the micro-batches of every rank (embeddings gathered
     without gradient); indices are then global (rank r's row i is ``r * B + i``) and
@@ -122,8 +152,9 @@ def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, across_
         raise ValueError("hard-negative mining needs at least 2 pairs")
     own = torch.zeros(b, all_t.shape[0], dtype=torch.bool, device=text_emb.device)
     own[torch.arange(b), torch.arange(b) + offset] = True
-    w_t2i = torch.softmax((text_emb.float() @ all_i.float().t()).masked_fill(own, -1e4), dim=1)
-    w_i2t = torch.softmax((image_emb.float() @ all_t.float().t()).masked_fill(own, -1e4), dim=1)
+    scale = torch.as_tensor(scale, device=text_emb.device).float()
+    w_t2i = torch.softmax((scale * text_emb.float() @ all_i.float().t()).masked_fill(own, -1e4), dim=1)
+    w_i2t = torch.softmax((scale * image_emb.float() @ all_t.float().t()).masked_fill(own, -1e4), dim=1)
     neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_img, neg_txt

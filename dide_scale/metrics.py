@@ -8,7 +8,10 @@ MFU = achieved model FLOP/s / (peak FLOP/s x devices), with model FLOPs per samp
 counted analytically (matmuls only, 2 FLOPs per multiply-add): the student's forward and
 backward (3x forward) of both towers plus the teacher's forward on every row it scores.
 Per transformer block over N tokens of width d, MLP ratio r:
-``2*N*d*d*(4 + 2r)`` (QKV, output projection, MLP) + ``4*N*N*d`` (QK^T and AV).
+``2*N*d*d*(4 + 2r)`` (QKV, output projection, MLP) + ``4*N*N*d`` (QK^T and AV).  Image
+sequences are counted at their static length (1 + the geometry's patch budget): that is
+the work the device does, padding included; ``data/patch_fill`` says how much of it is
+real image.
 """
 from __future__ import annotations
 
@@ -36,23 +39,27 @@ def tower_flops(n: int, d: int, depth: int, mlp_ratio: float) -> float:
     return depth * block_flops(n, d, mlp_ratio)
 
 
-def model_flops_per_sample(cfg, teacher_shape=None) -> dict[str, float]:
-    """{'student', 'teacher', 'total'} FLOPs per training sample (see module docstring)."""
+def model_flops_per_sample(cfg, teacher=None) -> dict[str, float]:
+    """{'student', 'teacher', 'total'} FLOPs per training sample (see module docstring).
+    ``teacher``: any object with ``width``, ``depth``, ``mlp_ratio`` and ``patch_size`` (both
+    teacher kinds have them)."""
+    from .data.pipeline import geometry
     a = cfg.student.arch
-    n_img = a.num_patches + 1
+    n_patches = geometry(cfg).max_patches
+    n_img = n_patches + 1
     n_txt = a.max_text_len
     images = 2 if cfg.train.task == "nlvr2" else 1
-    patch = 2 * a.num_patches * 3 * a.patch_size ** 2 * a.width
+    patch = 2 * n_patches * 3 * a.patch_size ** 2 * a.width
     fwd = images * (tower_flops(n_img, a.width, a.depth, a.mlp_ratio) + patch) + \
         tower_flops(n_txt, a.width, a.depth, a.mlp_ratio)
     student = 3 * fwd
-    teacher = 0.0
-    if teacher_shape is not None and cfg.loss.distills():
-        t = teacher_shape
+    teacher_flops = 0.0
+    if teacher is not None and cfg.loss.distills():
+        t = teacher
         rows = 3 if cfg.train.task == "itm" else images
-        t_patch = 2 * a.num_patches * 3 * t.patch_size ** 2 * t.width
-        teacher = rows * (tower_flops(n_img + n_txt, t.width, t.depth, t.mlp_ratio) + t_patch)
-    return {"student": student, "teacher": teacher, "total": student + teacher}
+        t_patch = 2 * n_patches * 3 * t.patch_size ** 2 * t.width
+        teacher_flops = rows * (tower_flops(n_img + n_txt, t.width, t.depth, t.mlp_ratio) + t_patch)
+    return {"student": student, "teacher": teacher_flops, "total": student + teacher_flops}
 
 
 def peak_flops(override_tflops: float = 0.0) -> float | None:
@@ -115,9 +122,12 @@ class MetricsLogger:
         self.times: dict[str, float] = defaultdict(float)
         self.steps = 0
 
-    def add_step(self, parts: dict[str, torch.Tensor], loss: torch.Tensor, times: dict[str, float]) -> None:
-        """Device tensors are summed on the device: no sync here."""
-        for k, v in {"loss": loss, **parts}.items():
+    def add_step(self, parts: dict[str, torch.Tensor], loss: torch.Tensor, times: dict[str, float],
+                 scalars: dict[str, torch.Tensor] | None = None) -> None:
+        """Device tensors (loss parts, and other ``scalars`` under their full names) are summed
+        on the device: no sync here."""
+        named = {f"loss/{k}": v for k, v in {"loss": loss, **parts}.items()}
+        for k, v in {**named, **(scalars or {})}.items():
             v = v.detach().float()
             self.parts[k] = self.parts[k] + v if k in self.parts else v
         for k, v in times.items():
@@ -130,7 +140,7 @@ class MetricsLogger:
         elapsed = max(1e-9, now - self.t_last)
         names = sorted(self.parts)
         means = _reduce_mean([self.parts[k] / max(1, self.steps) for k in names])
-        out = {f"loss/{k}": v for k, v in zip(names, means)}
+        out = dict(zip(names, means))
         n = max(1, self.steps)
         for k, v in self.times.items():
             out[f"time/{k}_s"] = v / n

@@ -5,10 +5,13 @@ outside the student's module tree, so it never reaches the optimizer or a studen
 checkpoint, and it always runs in eval mode under ``no_grad``.
 
 Visual-token alignment: the teacher and the student must see the same image regions as
-the same tokens.  When their patch sizes differ but their patch grids are equal, the
-teacher gets the student's pixels resampled to ``grid x teacher patch`` (antialiased
-bilinear); grids that differ are refused when the models are built
-(``models.build.check_pairing``).
+the same tokens.  Both take the same patch sequence (the student's patch grid of each
+image, padding masked); when the teacher's patch size differs, each patch is resampled to
+it (antialiased bilinear), so teacher token i still covers the region of student token i.
+
+Label spaces: the teacher's logits are reordered into the student's labels by name
+(``labels.LabelMap``) before they become soft labels; labels the teacher lacks are left
+out of the loss.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import torch.nn.functional as F
 
 from . import losses
 from .config import LossConfig
+from .labels import LabelMap
 from .models.attention import resolve_layer_map
+from .models.images import Images, from_batch, resample_patches
 
 
 @dataclass
@@ -34,17 +39,22 @@ class StepOutput:
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """uint8 pixels -> ``dtype`` in [0, 1] on ``device``; token ids/labels moved as they are."""
+    """uint8 patches -> ``dtype`` in [0, 1] on ``device``, gathered into ``images`` (and
+    ``images2``) :class:`Images`; token ids/labels moved as they are."""
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):
             out[k] = v
-        elif k.startswith("pixels"):
+        elif k.startswith("patches"):
             out[k] = v.to(device, non_blocking=True).to(dtype).div_(255.0)
         elif v.is_floating_point():
             out[k] = v.to(device, non_blocking=True).float()
         else:
             out[k] = v.to(device, non_blocking=True)
+    for suffix in ("", "2"):
+        images = from_batch(out, suffix)
+        if images is not None:
+            out[f"images{suffix}"] = images
     return out
 
 
@@ -52,8 +62,9 @@ class DistillTask:
     """Student (a callable: the DeepSpeed engine or the bare module) + teacher + losses."""
 
     def __init__(self, student: Callable, teacher: Callable | None, loss_cfg: LossConfig, task: str,
-                 sync: Callable[[], None] | None = None):
+                 sync: Callable[[], None] | None = None, label_map: LabelMap | None = None):
         self.student, self.teacher, self.cfg, self.task = student, teacher, loss_cfg, task
+        self.label_map = None if label_map is None or label_map.identity and not label_map.missing else label_map
         self._sync = sync or (lambda: None)  # device sync used only when timing is requested
         if teacher is None and loss_cfg.distills():
             raise ValueError("distillation weights are set but no teacher was given")
@@ -65,9 +76,10 @@ class DistillTask:
         self.t_layers: tuple[int, ...] = ()
         self.s_layers: tuple[int, ...] = ()
         self.queue: losses.TokenQueue | None = None
-        self.teacher_image_size: list[int] | None = None
-        if self.teacher_module is not None:
-            self.teacher_image_size = teacher_pixels_size(self.teacher_module, student_module.shape)
+        self.teacher_patch: int | None = None
+        if self.teacher_module is not None and self.teacher_module.patch_size != student_module.shape.patch_size:
+            self.teacher_patch = self.teacher_module.patch_size
+        self.itm_form = getattr(self.teacher_module, "itm_form", None) or "pair"
         if loss_cfg.layerwise():
             t, s = resolve_layer_map(loss_cfg.layer_map, self.teacher_module.depth, student_module.shape.depth)
             self.t_layers, self.s_layers = tuple(t), tuple(s)
@@ -80,21 +92,33 @@ class DistillTask:
             self.teacher_module.eval()  # never dropout / drop-path in the teacher
         return self
 
-    def teacher_pixels(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
-        """The student's pixels at the teacher's resolution (same patch grid, see the module doc)."""
-        if pixels is None or self.teacher_image_size is None:
-            return pixels
-        return F.interpolate(pixels, size=self.teacher_image_size, mode="bilinear", align_corners=False,
-                             antialias=True).clamp_(0, 1)
+    def teacher_images(self, images: Images | None) -> Images | None:
+        """The student's patches at the teacher's patch size (same grid, see the module doc)."""
+        if images is None or self.teacher_patch is None:
+            return images
+        return resample_patches(images, self.teacher_patch)
 
     @torch.no_grad()
     def teacher_forward(self, b: dict, rows: dict | None, capture: bool, layers: tuple[int, ...] = ()):
         """The teacher's output (logits, CrossQKs, JointStates) on the rows the student scored
         (``rows``: the ITM rows' inputs, negatives included; else the batch itself)."""
         src = rows if rows is not None else b
-        pixels, pixels2 = self.teacher_pixels(src["pixels"]), self.teacher_pixels(src.get("pixels2"))
         kw = {"layers": layers} if layers else {}
-        return self.teacher(pixels, src["input_ids"], src["attention_mask"], pixels2, capture=capture, **kw)
+        return self.teacher(self.teacher_images(src["images"]), src["input_ids"], src["attention_mask"],
+                            self.teacher_images(src.get("images2")), capture=capture, **kw)
+
+    def soft_label_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Prediction distillation, in the student's label space."""
+        T = self.cfg.temperature
+        if self.task == "itm" and self.itm_form == "rank":
+            return losses.itm_listwise_kl(student_logits, teacher_logits, T)
+        present = None
+        if self.label_map is not None:
+            teacher_logits, present = self.label_map.apply(teacher_logits), self.label_map.present
+        if self.task == "vqa":
+            return losses.soft_label_bce(student_logits, teacher_logits, T,
+                                         None if present is None else present.to(student_logits.device))
+        return losses.soft_label_kl(student_logits, teacher_logits, T)
 
     def training_forward(self, b: dict, timed: bool = False) -> StepOutput:
         cfg = self.cfg
@@ -102,7 +126,7 @@ class DistillTask:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         kw = {"layers": self.s_layers} if self.s_layers else {}
-        s = self.student(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"),
+        s = self.student(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"),
                          capture=capture, itc=cfg.itc > 0, **kw)
         parts: dict[str, torch.Tensor] = {}
         labels = self.labels(b, s)
@@ -117,8 +141,7 @@ class DistillTask:
             if capture:
                 parts["attn_t2i"], parts["attn_i2t"] = losses.cross_attention_losses(t.qk, s.qk, cfg.head_map)
             if cfg.soft_label > 0:
-                parts["soft_label"] = (losses.soft_label_bce if self.task == "vqa" else losses.soft_label_kl)(
-                    s.logits, t.logits, cfg.temperature)
+                parts["soft_label"] = self.soft_label_loss(s.logits, t.logits)
             if cfg.attn_mse > 0:
                 parts["attn_mse"] = losses.layer_attention_mse(t.states, s.states, cfg.head_map)
             if self.queue is not None:
@@ -153,13 +176,3 @@ class DistillTask:
             y[:n] = 1
             return y
         return b.get("labels")
-
-
-def teacher_pixels_size(teacher, student_shape) -> list[int] | None:
-    """The resolution the teacher must see so its patches cover the student's one to one, or
-    None when the student's pixels serve as they are (same patch size)."""
-    t_patch = getattr(teacher, "patch_size", None)
-    if t_patch is None or t_patch == student_shape.patch_size:
-        return None
-    grid = [side // student_shape.patch_size for side in student_shape.image_size]
-    return [g * t_patch for g in grid]

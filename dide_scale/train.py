@@ -77,18 +77,20 @@ def injected_nan_steps() -> set[int]:
 
 
 def train_step(engines, task, batches, accum: int, timed: bool, poison: bool = False):
-    """One optimizer step = ``accum`` micro-batches.  Returns (loss, parts, timings)."""
+    """One optimizer step = ``accum`` micro-batches.  Returns (loss, parts, timings, the
+    fraction of patch slots that hold real image)."""
     from .engine import synchronize
     from .task import batch_to_device
     eng = engines.student
     times = {"data_wait": 0.0, "teacher_forward": 0.0, "student_forward": 0.0, "student_backward": 0.0,
              "optimizer": 0.0}
-    loss_sum, parts_sum = None, {}
+    loss_sum, parts_sum, fill = None, {}, 0.0
     for _ in range(accum):
         t0 = time.perf_counter()
         batch = next(batches)
         b = batch_to_device(batch, engines.device, engines.dtype)
         times["data_wait"] += time.perf_counter() - t0
+        fill = fill + b["images"].valid.float().mean()  # real patches / patch slots (no sync)
         out = task.training_forward(b, timed=timed)
         if poison:
             out.loss = out.loss * float("nan")
@@ -107,7 +109,7 @@ def train_step(engines, task, batches, accum: int, timed: bool, poison: bool = F
         loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
         for k, v in out.parts.items():
             parts_sum[k] = v.detach() if k not in parts_sum else parts_sum[k] + v.detach()
-    return loss_sum / accum, {k: v / accum for k, v in parts_sum.items()}, times
+    return loss_sum / accum, {k: v / accum for k, v in parts_sum.items()}, times, fill / accum
 
 
 def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSignal | None = None) -> dict:
@@ -118,6 +120,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     from .checkpoint import Checkpointer
     from .data.pipeline import build_loader
     from .data.transforms import check_tokenizers, load_tokenizer
+    from .labels import label_map_for
     from .metrics import MetricsLogger, model_flops_per_sample, peak_flops, setup_logging
     from .models.build import build_student, build_teacher
     from .task import DistillTask
@@ -158,8 +161,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     if env.is_main:
         save_resolved(cfg, run_dir, ds_config)
     accum = cfg.grad_accum_steps(env.world_size)
-    t_shape = getattr(teacher, "shape", None) if teacher is not None else None
-    flops = model_flops_per_sample(cfg, t_shape)
+    flops = model_flops_per_sample(cfg, teacher)
     metrics = MetricsLogger(str(run_dir), env.rank, env.world_size, cfg.train.global_batch_size, cfg.train.max_steps,
                             flops["total"], peak_flops(cfg.train.peak_tflops))
     probe = _probe_batch(cfg, engines) if cfg.train.probe_every and cfg.loss.attn_t2i + cfg.loss.attn_i2t > 0 \
@@ -167,7 +169,13 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     if st.step == 0:
         metrics.text("config/resolved", cfg.to_yaml())
         metrics.text("config/deepspeed", json.dumps(ds_config, indent=2))
-    task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=eng_mod.synchronize)
+    label_map = label_map_for(cfg) if teacher is not None else None
+    if label_map is not None:
+        log.info("label space: %s", label_map.summary())
+        metrics.text("labels/teacher", label_map.summary())
+        metrics.scalars({"labels/teacher_missing": float(len(label_map.missing))}, st.step)
+    task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=eng_mod.synchronize,
+                       label_map=label_map)
     task.train()
     if saved is not None and task.queue is not None:
         if "token_queue" in saved["state"]:
@@ -193,15 +201,15 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     try:
         while st.step < cfg.train.max_steps:
             log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
-            loss, parts, times = train_step(engines, task, batches, accum, timed=log_now,
-                                            poison=st.step + 1 in nan_steps)
+            loss, parts, times, fill = train_step(engines, task, batches, accum, timed=log_now,
+                                                  poison=st.step + 1 in nan_steps)
             st.step += 1
             st.samples_seen += cfg.train.global_batch_size
             # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
             skipped_now = engines.student.skipped_steps
             st.bad_steps = st.bad_steps + 1 if skipped_now > skipped_before else 0
             skipped_before = skipped_now
-            metrics.add_step(parts, loss, times)
+            metrics.add_step(parts, loss, times, {"data/patch_fill": fill})
             if log_now:
                 skipped, seen = loader.counters()
                 extra = {"optim/lr": engines.student.get_lr()[0], "optim/loss_scale": eng_mod.loss_scale(engines.student),
@@ -281,24 +289,26 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     Every rank runs the forwards (ZeRO-3 gathers parameters collectively); rank 0 draws."""
     from .metrics import attention_figure
     from .models.attention import t2i_i2t
+    from .models.images import unpatchify
     module = engines.student_module
     was = module.training
     module.eval()
-    s = module(b["pixels"], b["input_ids"], b["attention_mask"], b.get("pixels2"), capture=True)
+    s = module(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"), capture=True)
     module.train(was)
     t_qk = task.teacher_forward(b, s.rows, capture=True).qk
     if metrics.writer is None:
         return
     n_txt = int(b["attention_mask"][0].sum())
+    images = b["images"]
+    gh, gw = (int(v) for v in images.grid()[0])
+    n_img = gh * gw
     (t_t2i, t_i2t), (s_t2i, s_i2t) = t2i_i2t(t_qk[0]), t2i_i2t(s.qk[0])
 
     def heads_mean(lp):  # sample 0, probability averaged over heads
         return lp[0].exp().mean(0).float().cpu()
-    a = cfg.student.arch
-    grid = (a.image_size[0] // a.patch_size, a.image_size[1] // a.patch_size)
-    img = attention_figure(heads_mean(t_t2i)[:n_txt].mean(0), heads_mean(s_t2i)[:n_txt].mean(0),
-                           heads_mean(t_i2t)[:, :n_txt], heads_mean(s_i2t)[:, :n_txt], grid,
-                           b["pixels"][0].float().cpu())
+    img = attention_figure(heads_mean(t_t2i)[:n_txt, : 1 + n_img].mean(0), heads_mean(s_t2i)[:n_txt, : 1 + n_img].mean(0),
+                           heads_mean(t_i2t)[: 1 + n_img, :n_txt], heads_mean(s_i2t)[: 1 + n_img, :n_txt], (gh, gw),
+                           unpatchify(images, 0).float().cpu())
     metrics.image("attention/teacher_vs_student", img, step)
 
 
@@ -370,6 +380,12 @@ def preflight(cfg: RunConfig) -> None:
             read_model_config(cfg.teacher.path, expected)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"teacher.path: {e}") from None
+        from .labels import label_map_for
+        label_map_for(cfg)  # label names that cannot be matched are refused here, with the numbers
+        if cfg.teacher.kind == "hf_vilt":
+            from .models.hf_vilt import preprocessing_differences
+            for problem in preprocessing_differences(cfg.teacher.path, cfg.data):
+                log.warning("the teacher's own preprocessing differs from the data path: %s", problem)
     kind, _, path = cfg.student.init.partition(":")
     if kind in ("vilt", "fusion", "export"):
         expected = {"vilt": ("vilt",), "fusion": ("dide_fusion",), "export": ("dide_dual_encoder", "dide_fusion")}

@@ -38,6 +38,7 @@ def tiny_overrides(shards, out_dir, **extra) -> list[str]:
         "student.arch": TINY_ARCH, "teacher.arch": TINY_ARCH,
         "data.train_shards": f"{shards}/train/{{00000..00003}}.tar", "data.val_shards": f"{shards}/val/00000.tar",
         "data.tokenizer": "builtin:demo", "data.num_answers": 16, "data.num_workers": 0,
+        "data.image_shorter": 32, "data.image_longer": 32,
         "train.task": "vqa", "train.output_dir": str(out_dir), "train.max_steps": 4,
         "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.log_every": 1,
         "loss.attn_t2i": 0.0, "loss.attn_i2t": 0.0, "loss.soft_label": 0.0, "loss.ground_truth": 1.0,
@@ -53,3 +54,12 @@ def record(name: str, **figures) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"test": name, **figures}) + "\n")
+
+
+def labelled(model):
+    """A test model carrying the demo's label names for its task (every export records them as
+    id2label, and a teacher without them is refused)."""
+    from dide_scale.data.demo import ANSWERS
+    from dide_scale.labels import NLVR2_NAMES, SNLI_VE_NAMES
+    model.labels = {"vqa": list(ANSWERS), "snli_ve": list(SNLI_VE_NAMES), "nlvr2": list(NLVR2_NAMES)}.get(model.task)
+    return model

@@ -138,8 +138,7 @@ def test_contrastive_and_mining():
     g = torch.Generator().manual_seed(2)
     te = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
     ie = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    scale = torch.tensor([math.log(10.0)])
-    got = losses.contrastive(te, ie, scale)
+    got = losses.contrastive(te, ie, torch.tensor([10.0]))
     logits = 10.0 * te @ ie.t()
     ref = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6)))
     assert torch.allclose(got, ref, atol=1e-6)
@@ -155,3 +154,27 @@ def test_contrastive_and_mining():
         neg_img, _ = losses.mine_hard_negatives(te, ie)
         counts[torch.arange(6), neg_img] += 1
     assert (counts.argmax(1) == sim.argmax(1)).float().mean() >= 0.5
+
+
+def test_mining_is_hard_only_at_the_contrastive_temperature():
+    """Among 1,024 candidates, a negative at cosine 0.9 (the rest near 0) is drawn < 1% of the
+    time from raw cosines, but most of the time from cosine / 0.07, ALBEF's choice."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1024, 64
+    ie = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    te = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    te[0] = F.normalize(0.9 * ie[1] + (1 - 0.81) ** 0.5 * F.normalize(torch.randn(d, generator=g), dim=0), dim=0)
+    hits = {}
+    for scale in (1.0, 1 / 0.07):
+        gen = torch.Generator().manual_seed(1)
+        draws = [losses.mine_hard_negatives(te, ie, scale, across_ranks=False, generator=gen)[0][0].item()
+                 for _ in range(40)]
+        hits[scale] = sum(d == 1 for d in draws) / len(draws)
+    assert hits[1.0] < 0.1 and hits[1 / 0.07] > 0.8
+
+
+def test_student_reads_the_contrastive_temperature():
+    from dide_scale.config import load_config
+    from dide_scale.models.build import build_student
+    cfg = load_config("debug", ["train.task=itm", "loss.itc=1", "loss.itc_temperature=0.05"])
+    assert torch.allclose(build_student(cfg).logit_scale.exp(), torch.tensor([20.0]))

@@ -11,9 +11,9 @@ from dide_scale.data import convert as C
 from dide_scale.data.cli import main as cli_main
 from dide_scale.data.pipeline import iter_raw_samples
 from dide_scale.data.shards import read_sizes
-from dide_scale.data.transforms import SampleDecoder
+from dide_scale.data.transforms import Geometry, SampleDecoder
 
-SIZE = (8, 8)
+SIZE = Geometry("stretch", 8, 8, 8)  # every image to one 8x8 patch
 
 
 def save_image(path, color, fmt="JPEG"):
@@ -81,7 +81,7 @@ def test_coco_keeps_karpathy_train_restval_one_sample_per_caption(coco, tmp_path
         assert m["jpg"] == (coco["images"] / sub / meta["file_name"]).read_bytes()
         assert meta["split"] in ("train", "restval")
     dec = SampleDecoder("itm", SIZE)(samples[0][1] | {"__key__": samples[0][0]})
-    assert dec["pixels"].shape == (3, *SIZE) and dec["text"].startswith("image")
+    assert dec["image"][0].shape == (1, 8 * 8 * 3) and dec["text"].startswith("image")
     # pairs are shuffled: the two captions of an image are not all adjacent
     ids = [m["image_id"] for m in ms]
     assert ids != sorted(ids)
@@ -334,8 +334,9 @@ def test_nlvr2_pairs_and_labels(tmp_path):
     dec = SampleDecoder("nlvr2", SIZE)
     a, b = (dec({"__key__": k, **m}) for k, m in raw)
     assert (a["label"], b["label"]) == (1, 0) and a["text"] == "statement 0"
-    assert a["pixels"].shape == a["pixels2"].shape == (3, *SIZE)
-    assert a["pixels"][0].float().mean() > 150 and a["pixels2"][2].float().mean() > 150  # left red, right blue
+    assert a["image"][0].shape == a["image2"][0].shape == (1, 8 * 8 * 3)
+    left, right = a["image"][0].view(-1, 3).float().mean(0), a["image2"][0].view(-1, 3).float().mean(0)
+    assert left[0] > 150 and right[2] > 150  # left red, right blue
     assert json.loads(raw[1][1]["json"])["label"] is False
 
 

@@ -10,12 +10,14 @@ from PIL import Image
 from dide_scale.data.demo import ANSWERS, generate_split
 from dide_scale.data.pipeline import ResumableLoader, WdsBatches, expand_sources, iter_raw_samples
 from dide_scale.data.shards import ShardWriter, read_sizes, shard_pattern
-from dide_scale.data.transforms import Collate, SampleDecoder
+from dide_scale.data.transforms import Collate, Geometry, SampleDecoder
+
+GEO = Geometry("vilt", 32, 32, 8)  # the demo's 32x32 scenes: a 4x4 patch grid
 
 
 def make_loader(pattern, workers=0, bs=4, task="vqa", resampled=True, seed=0, rank=0, world=1):
-    dec = SampleDecoder(task, (32, 32), 40_000_000, list(ANSWERS) if task == "vqa" else None)
-    ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16), bs, seed, rank, world,
+    dec = SampleDecoder(task, GEO, 40_000_000, list(ANSWERS) if task == "vqa" else None)
+    ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16, GEO.max_patches), bs, seed, rank, world,
                     resampled=resampled, open_shards=2, num_workers=workers)
     return ResumableLoader(ds)
 
@@ -45,9 +47,10 @@ def test_demo_is_reproducible_and_in_img2dataset_layout(tmp_path):
 def test_demo_task_shards_decode(tmp_path, task):
     d = generate_split(tmp_path / task, 12, 0, task, samples_per_shard=12)
     batch = next(iter(make_loader(f"{d}/00000.tar", task=task)))
-    assert batch["pixels"].shape == (4, 3, 32, 32) and batch["labels"].dtype == torch.long
+    assert batch["patches"].shape == (4, 16, 8 * 8 * 3) and batch["patch_valid"].all()
+    assert batch["labels"].dtype == torch.long
     if task == "nlvr2":
-        assert batch["pixels2"].shape == (4, 3, 32, 32)
+        assert batch["patches2"].shape == (4, 16, 8 * 8 * 3)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -79,9 +82,9 @@ def test_epoch_mode_reads_every_sample_once(demo_shards):
 
 def test_weighted_sources_mix(demo_shards, tmp_path):
     other = generate_split(tmp_path / "other", 64, 9, samples_per_shard=64)
-    dec = SampleDecoder("vqa", (32, 32), 40_000_000, list(ANSWERS))
+    dec = SampleDecoder("vqa", GEO, 40_000_000, list(ANSWERS))
     sources = expand_sources(f"{demo_shards}/train/{{00000..00003}}.tar::{other}/00000.tar", [1.0, 3.0])
-    loader = ResumableLoader(WdsBatches(sources, dec, Collate("builtin:demo", 16), 8, 0, open_shards=1))
+    loader = ResumableLoader(WdsBatches(sources, dec, Collate("builtin:demo", 16, GEO.max_patches), 8, 0, open_shards=1))
     take(loader, 200)  # ~25 shard picks
     _, seen = loader.counters()
     assert seen["other"] > seen["train"] > 0
@@ -127,9 +130,9 @@ def salted_shards(d):
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     n_good, bad = salted_shards(tmp_path)
-    dec = SampleDecoder("vqa", (32, 32), 1_000_000, list(ANSWERS))
+    dec = SampleDecoder("vqa", GEO, 1_000_000, list(ANSWERS))
     pattern = f"{tmp_path}/{{00000..00001}}.tar::{tmp_path}/00099.tar"
-    ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16), 1, 0, resampled=False,
+    ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16, GEO.max_patches), 1, 0, resampled=False,
                     open_shards=2, num_workers=0, drop_last=False)
     loader = ResumableLoader(ds)
     got = [b for b in loader]
@@ -169,8 +172,8 @@ def test_epoch_mode_training_repeats_with_a_new_order_and_resumes(demo_shards):
     pattern = f"{demo_shards}/train/{{00000..00003}}.tar"
 
     def loader():
-        dec = SampleDecoder("vqa", (32, 32), 40_000_000, list(ANSWERS))
-        ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16), 32, 0, resampled=False,
+        dec = SampleDecoder("vqa", GEO, 40_000_000, list(ANSWERS))
+        ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16, GEO.max_patches), 32, 0, resampled=False,
                         open_shards=2, num_workers=0)
         return ResumableLoader(ds, repeat=True)
     full = take(loader(), 20)  # 8 batches per epoch

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import labelled, tiny_overrides
 from dide_scale import losses
 from dide_scale.config import ConfigError, LossConfig, load_config
 from dide_scale.models.attention import resolve_layer_map
-from dide_scale.models.build import build_student, build_teacher, check_pairing, load_pretrained, save_pretrained
+from dide_scale.models.build import build_student, build_teacher, load_pretrained, save_pretrained
 from dide_scale.models.fusion import FusionEncoder
+from dide_scale.models.images import images_from_pixels
 from dide_scale.models.student import TowerShape
 from dide_scale.task import DistillTask
 from dide_scale.train import REQUEUE_EXIT_CODE, StopSignal
@@ -145,7 +146,8 @@ def batch(n=4, nt=10, size=32, seed=0):
     mask = torch.ones(n, nt, dtype=torch.long)
     for i in range(n):
         mask[i, 3 + (i * 3) % (nt - 3):] = 0
-    return {"pixels": torch.rand(n, 3, size, size, generator=g), "input_ids": torch.randint(4, 128, (n, nt), generator=g),
+    images = images_from_pixels(torch.rand(n, 3, size, size, generator=g), 8)
+    return {"images": images, "input_ids": torch.randint(4, 128, (n, nt), generator=g),
             "attention_mask": mask, "labels": torch.rand(n, 16, generator=g)}
 
 
@@ -154,15 +156,15 @@ def test_fusion_joint_states_are_the_blocks_own_attention_and_outputs():
     model = FusionEncoder(TEACHER, "vqa", 16).eval()
     b = batch()
     with torch.no_grad():
-        out = model(b["pixels"], b["input_ids"], b["attention_mask"], layers=(1, 3))
-        plain = model(b["pixels"], b["input_ids"], b["attention_mask"])
+        out = model(b["images"], b["input_ids"], b["attention_mask"], layers=(1, 3))
+        plain = model(b["images"], b["input_ids"], b["attention_mask"])
     assert torch.equal(out.logits, plain.logits)
     (st,) = out.states
     assert st.mask.shape == (4, 10 + 1 + 16) and torch.equal(st.mask[:, :10], b["attention_mask"].bool())
     # recompute block 1's attention input by hand: q/k are that block's own projections
     with torch.no_grad():
         text = model.text_embeddings(input_ids=b["input_ids"]) + model.token_type.weight[0]
-        x = torch.cat([text, model.embed_image(b["pixels"], 1)], 1)
+        x = torch.cat([text, model.embed_image(b["images"], 1)], 1)
         from dide_scale.models.attention import additive_mask
         add = additive_mask(st.mask, x.dtype)
         x = model.vit.blocks[0](x, attn_mask=add)
@@ -175,20 +177,26 @@ def test_fusion_joint_states_are_the_blocks_own_attention_and_outputs():
 
 # -- visual-token alignment ------------------------------------------------------------------
 
-def test_different_patch_grids_are_refused_naming_the_setting():
-    with pytest.raises(ConfigError, match=r"student.arch.image_size=\[48, 48\]"):
-        load_config("debug", ["teacher.path=/x", "loss.soft_label=1.0",
-                              "teacher.arch={width: 32, depth: 2, heads: 2, patch_size: 8, image_size: [48, 48]}",
-                              "student.arch={width: 32, depth: 2, heads: 2, patch_size: 8, image_size: [32, 32]}"])
-    # equal grids at different resolutions are accepted (the teacher gets resampled pixels)
+def test_a_teacher_with_another_position_table_takes_the_students_grid():
+    """A fusion teacher whose table covers 6x6 positions (48x48 at patch 8) interpolates it to
+    the student's 4x4 grids: its image tokens are the student's, one to one."""
+    torch.manual_seed(0)
+    teacher = FusionEncoder(TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[48, 48],
+                                       max_text_len=16, vocab_size=128), "vqa", 16).eval()
+    student = FusionEncoder(STUDENT, "vqa", 16)
+    task = DistillTask(student, teacher, LossConfig(attn_t2i=1.0, attn_i2t=1.0, soft_label=1.0), "vqa")
+    out = task.training_forward(batch())
+    assert all(torch.isfinite(v) for v in out.parts.values())
+    t = task.teacher_forward(batch(), None, capture=True)
+    assert t.qk[0].k_image.shape[2] == 1 + 16
     load_config("debug", ["teacher.path=/x", "loss.soft_label=1.0",
-                          "teacher.arch={width: 32, depth: 2, heads: 2, patch_size: 16, image_size: [64, 64]}",
-                          "student.arch={width: 32, depth: 2, heads: 2, patch_size: 8, image_size: [32, 32]}"])
+                          "teacher.arch={width: 32, depth: 2, heads: 2, patch_size: 8, image_size: [48, 48]}"])
 
 
 def test_teacher_with_larger_patches_sees_the_same_regions_resampled(tmp_path):
-    """Teacher: patch 16 at 64x64 (4x4 grid); student: patch 8 at 32x32 (4x4 grid). The task
-    hands the teacher the student's pixels at 64x64, token counts line up, losses are finite."""
+    """Teacher: patch 16 (4x4 table over 64x64); student: patch 8 at 32x32 (4x4 grid). The task
+    hands the teacher each of the student's patches resampled to 16 px; token counts line up and
+    the losses are finite."""
     torch.manual_seed(0)
     t_shape = TowerShape(width=32, depth=4, heads=2, patch_size=16, image_size=[64, 64], max_text_len=16,
                          vocab_size=128)
@@ -198,21 +206,14 @@ def test_teacher_with_larger_patches_sees_the_same_regions_resampled(tmp_path):
     seen = {}
 
     def spy(module, args):
-        seen["size"] = tuple(args[0].shape[-2:])
+        seen["patch"], seen["n"] = args[0].patch_size, args[0].patches.shape[1]
     teacher.register_forward_pre_hook(spy)
     task = DistillTask(student, teacher, LossConfig(attn_mse=1.0, token_nce=1.0, attn_t2i=1.0, soft_label=1.0), "vqa")
-    assert task.teacher_image_size == [64, 64]
+    assert task.teacher_patch == 16
     out = task.training_forward(batch())
-    assert seen["size"] == (64, 64)
+    assert seen == {"patch": 16, "n": 16}
     assert all(torch.isfinite(v) for v in out.parts.values())
     out.loss.backward()
-    # a teacher whose grid differs is refused when the models are paired
-    save_pretrained(FusionEncoder(TowerShape(width=32, depth=2, heads=2, patch_size=16, image_size=[48, 48],
-                                             max_text_len=16, vocab_size=128), "vqa", 16), tmp_path / "t")
-    cfg = load_config("debug", ["train.task=vqa", "data.num_answers=16", f"teacher.path={tmp_path / 't'}",
-                                "loss.soft_label=1.0", "student.kind=fusion"])
-    with pytest.raises(ValueError, match="3x3 patch grid"):
-        check_pairing(load_pretrained(tmp_path / "t"), cfg)
 
 
 # -- the queue across ranks ------------------------------------------------------------------
@@ -240,7 +241,7 @@ def queue_after_steps(args: dict) -> dict:
     for step in range(3):
         full = batch(n=4, seed=step)
         per = 4 // world
-        local = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
+        local = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}  # Images slice like tensors
         out = task.training_forward(local)
         nce.append(out.parts["token_nce"].detach().item())
     st = task.queue.state_dict()
@@ -269,7 +270,7 @@ def big_teachers(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("distillvlm")
     for task, n in (("vqa", 16), ("itm", 2)):
-        save_pretrained(FusionEncoder(TEACHER, task, n), root / task)
+        save_pretrained(labelled(FusionEncoder(TEACHER, task, n)), root / task)
     return root
 
 

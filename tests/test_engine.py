@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import labelled, tiny_overrides
 from dist_utils import run_ranks
 
 STAGES = [1, 2, 3]
@@ -41,7 +41,7 @@ def _one_step(cfg, halves, accum):
     fraction = engine.local_param_fraction(t_mod)
     task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task)
     task.train()
-    loss, parts, _ = train_step(engines, task, iter(halves), accum, timed=False)
+    loss, parts, _, _ = train_step(engines, task, iter(halves), accum, timed=False)
     teacher_after = engine.full_state_dict(t_mod)
     unchanged = all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
     return loss, parts, engine.full_state_dict(engines.student_module), fraction, unchanged
@@ -76,7 +76,7 @@ def teacher_dir(tmp_path_factory):
     torch.manual_seed(1)
     d = tmp_path_factory.mktemp("t") / "teacher"
     shape = TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128)
-    save_pretrained(FusionEncoder(shape, "vqa", 16), d)
+    save_pretrained(labelled(FusionEncoder(shape, "vqa", 16)), d)
     return d
 
 

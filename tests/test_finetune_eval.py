@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_ARCH, tiny_overrides
+from conftest import TINY_ARCH, labelled, tiny_overrides
 from dide_scale.data.demo import generate_split
 from dide_scale.evaluate import main as eval_main, retrieval_recall
 from dide_scale.finetune import main as finetune_main
 from dide_scale.models.build import load_pretrained, save_pretrained
+from dide_scale.models.images import images_from_pixels
 from dide_scale.models.fusion import FusionEncoder
 from dide_scale.models.student import TowerShape
 from dide_scale.train import main as pretrain_main
@@ -21,7 +22,7 @@ def pretrained(demo_shards, tmp_path_factory):
     """A tiny ITM distillation pre-training run (teacher: a random fusion ITM model)."""
     root = tmp_path_factory.mktemp("pre")
     torch.manual_seed(0)
-    save_pretrained(FusionEncoder(SHAPE, "itm", 2), root / "teacher")
+    save_pretrained(labelled(FusionEncoder(SHAPE, "itm", 2)), root / "teacher")
     run = root / "run"
     assert pretrain_main(["--config", "debug", *tiny_overrides(demo_shards, run, **{
         "train.task": "itm", "teacher.path": str(root / "teacher"), "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0,
@@ -37,7 +38,7 @@ def test_finetune_from_pretrained_export_then_eval(pretrained, tmp_path, task, n
     generate_split(data / "train", 64, 0, task, samples_per_shard=32)
     generate_split(data / "val", 24, 1, task, samples_per_shard=32)
     torch.manual_seed(1)
-    save_pretrained(FusionEncoder(SHAPE, task, n_cls), tmp_path / "teacher")
+    save_pretrained(labelled(FusionEncoder(SHAPE, task, n_cls)), tmp_path / "teacher")
     run = tmp_path / "ft"
     ov = tiny_overrides(data, run, **{
         "train.task": task, "student.init": f"export:{pretrained}", "teacher.path": str(tmp_path / "teacher"),
@@ -105,14 +106,16 @@ def test_retrieval_counts_each_image_once_when_a_batch_repeats_it():
     from dide_scale.models.student import DualEncoder
     torch.manual_seed(0)
     model = DualEncoder(SHAPE, "itm", 2)
-    pix = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    pix = images_from_pixels(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), 8)
     ids = torch.randint(5, 100, (5, 16))
     mask = torch.ones_like(ids)
+
+    def batch(rows, text):
+        return {"patches": pix.patches[rows], "patch_coord": pix.coord[rows], "patch_valid": pix.valid[rows],
+                "input_ids": ids[text], "attention_mask": mask[text]}
     # captions 0, 1 of image A; 2 of image B (batch 1); 3 of A again, 4 of image C (batch 2)
-    loader = [{"pixels": pix[[0, 0, 1]], "input_ids": ids[:3], "attention_mask": mask[:3], "image_ids": ["A", "A", "B"],
-               "keys": ["k0", "k1", "k2"]},
-              {"pixels": pix[[0, 2]], "input_ids": ids[3:], "attention_mask": mask[3:], "image_ids": ["A", "C"],
-               "keys": ["k3", "k4"]}]
+    loader = [{**batch([0, 0, 1], slice(0, 3)), "image_ids": ["A", "A", "B"], "keys": ["k0", "k1", "k2"]},
+              {**batch([0, 2], slice(3, 5)), "image_ids": ["A", "C"], "keys": ["k3", "k4"]}]
     res = evaluate_retrieval(model, loader, "itm")
     assert res["n_images"] == 3 and res["n_texts"] == 5
     inf = DualEncoderInference(model)
@@ -136,14 +139,15 @@ def test_inference_api_cached_equals_uncached():
     torch.manual_seed(0)
     m = DualEncoder(SHAPE, "vqa", 16)
     inf = DualEncoderInference(m)
-    pix = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    dense = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    pix = images_from_pixels(dense, 8)
     ids = torch.randint(5, 100, (6, 16))
     mask = torch.ones_like(ids)
     mask[1, 10:] = 0  # padded questions: the [CLS]-only last block must mask the same keys
     mask[4, 3:] = 0
     cache = inf.encode_images(pix)
     with torch.no_grad():  # the [CLS]-only towers equal the full towers' [CLS] state
-        pixf = pix.float() / 255
+        pixf = images_from_pixels(dense.float() / 255, 8)
         torch.testing.assert_close(m.encode_image(pixf, cls_only=True)[:, 0], m.encode_image(pixf)[:, 0],
                                    rtol=0, atol=1e-5)
         torch.testing.assert_close(m.encode_text(ids, mask, cls_only=True)[:, 0], m.encode_text(ids, mask)[:, 0],
@@ -151,7 +155,7 @@ def test_inference_api_cached_equals_uncached():
     img_idx = torch.tensor([0, 0, 1, 1, 2, 2])
     cached = inf.predict(inf.encode_texts(ids, mask), cache[img_idx])
     with torch.no_grad():
-        full = m(pix[img_idx].float() / 255, ids, mask).logits
+        full = m(pixf[img_idx], ids, mask).logits
     assert torch.allclose(cached, full, atol=1e-5)
     scores = inf.pair_scores(inf.encode_texts(ids, mask), cache)
     assert scores.shape == (6, 3)

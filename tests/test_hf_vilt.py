@@ -12,6 +12,7 @@ from transformers import (ViltConfig, ViltForImageAndTextRetrieval, ViltForImage
 
 from dide_scale.models.attention import t2i_i2t  # noqa: E402
 from dide_scale.models.hf_vilt import HFViltTeacher  # noqa: E402
+from dide_scale.models.images import images_from_pixels  # noqa: E402
 
 B, NT = 3, 7
 
@@ -30,7 +31,8 @@ def save(model, path):
     return path
 
 
-def inputs(h=64, w=64, seed=1):
+def inputs(h=64, w=64, seed=1, patch=16):
+    """(Images, input_ids, attention_mask): B random images of h x w, all patches valid."""
     g = torch.Generator().manual_seed(seed)
     pixels = torch.rand(B, 3, h, w, generator=g)
     input_ids = torch.randint(1, 100, (B, NT), generator=g)
@@ -38,7 +40,19 @@ def inputs(h=64, w=64, seed=1):
     mask[0, 4:] = 0  # padded rows
     mask[2, 6:] = 0
     input_ids = input_ids * mask
-    return pixels, input_ids, mask
+    return images_from_pixels(pixels, patch), input_ids, mask
+
+
+def canvas(seed=2):
+    """A ViLT-style padded batch: three images of different shapes (64x48, 32x80, 80x80) top-left
+    on an 80x80 canvas, with ``pixel_mask``; and the same batch as Images."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(B, 3, 80, 80)
+    pmask = torch.zeros(B, 80, 80, dtype=torch.long)
+    for i, (h, w) in enumerate([(64, 48), (32, 80), (80, 80)]):
+        pixels[i, :, :h, :w] = torch.rand(3, h, w, generator=g)
+        pmask[i, :h, :w] = 1
+    return pixels, pmask, images_from_pixels(pixels, 16, pmask)
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +74,23 @@ def test_cross_attention_and_logits_match_transformers(vqa_dir, tap_layer, size)
     assert (teacher.num_heads, teacher.width, teacher.depth, teacher.patch_size) == (2, 32, 2, 16)
     assert (teacher.task, teacher.num_classes, teacher.vocab_size) == ("vqa", 5, 100)
 
-    pixels, ids, mask = inputs(*size)
+    images, ids, mask = inputs(*size)
     with torch.no_grad():
-        out = teacher(pixels, ids, mask, capture=True)
+        out = teacher(images, ids, mask, capture=True)
         logits, qks = out.logits, out.qk
-        plain = teacher(pixels, ids, mask)
+        plain = teacher(images, ids, mask)
         logits_nocap, none = plain.logits, plain.qk
     assert none == [] and len(qks) == 1
     torch.testing.assert_close(logits, logits_nocap, rtol=0, atol=0)
     qk = qks[0]
     n_img = 1 + (size[0] // 16) * (size[1] // 16)
     assert qk.q_text.shape == (B, 2, NT, 16) and qk.k_image.shape == (B, 2, n_img, 16)
-    assert torch.equal(qk.text_mask, mask.bool()) and qk.image_mask is None
+    assert torch.equal(qk.text_mask, mask.bool()) and qk.image_mask.all()
     t2i, i2t = t2i_i2t(qk)
 
     ref = ViltForQuestionAnswering.from_pretrained(vqa_dir, attn_implementation="eager").eval()
     with torch.no_grad():
-        image_embeds = teacher.embed_image(pixels)
+        image_embeds = teacher.embed_image(images)
         pixel_mask = torch.ones(B, 1, n_img, dtype=torch.long)
         out = ref(input_ids=ids, attention_mask=mask, image_embeds=image_embeds, pixel_mask=pixel_mask,
                   output_attentions=True)
@@ -93,16 +107,38 @@ def test_cross_attention_and_logits_match_transformers(vqa_dir, tap_layer, size)
     assert i2t.exp()[0, :, :, 4:].max() < 1e-6
 
 
+def test_padded_batch_of_mixed_shapes_gives_transformers_own_logits(vqa_dir):
+    """Images of three shapes on one canvas: our patch sequences (padding masked) give the
+    logits of transformers' own pixel_values + pixel_mask path, and padded patches get no
+    attention."""
+    teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
+    pixels, pmask, images = canvas()
+    _, ids, mask = inputs()
+    ref = ViltForQuestionAnswering.from_pretrained(vqa_dir).eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=teacher.normalize.forward(
+            pixels.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), pixel_mask=pmask).logits
+        out = teacher(images, ids, mask, capture=True)
+        alone = teacher(images[[0]], ids[[0]], mask[[0]]).logits
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone, want[[0]], rtol=1e-5, atol=1e-6)  # batch composition does not matter
+    assert not torch.allclose(want[0], want[1], rtol=1e-2)  # the logits depend on the image
+    t2i, _ = t2i_i2t(out.qk[0])
+    n_valid = images.valid.sum(1)
+    assert n_valid.tolist() == [12, 10, 25]
+    assert t2i.exp()[0, :, :, 1 + 12:].max() < 1e-6  # image 0's padded patches: no mass
+
+
 def test_joint_states_for_layer_distillation_match_transformers(vqa_dir):
     """layers=(...): each block's attention (from the hooked q/k) equals transformers' eager
     attention over valid keys, and the block outputs are its hidden_states."""
     from dide_scale.models.attention import cross_log_probs
     teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
-    pixels, ids, mask = inputs()
+    images, ids, mask = inputs()
     with torch.no_grad():
-        out = teacher(pixels, ids, mask, layers=(1, 0))
+        out = teacher(images, ids, mask, layers=(1, 0))
         ref = ViltForQuestionAnswering.from_pretrained(vqa_dir, attn_implementation="eager").eval()
-        image_embeds = teacher.embed_image(pixels)
+        image_embeds = teacher.embed_image(images)
         want = ref(input_ids=ids, attention_mask=mask, image_embeds=image_embeds,
                    pixel_mask=torch.ones(B, 1, image_embeds.shape[1], dtype=torch.long),
                    output_attentions=True, output_hidden_states=True)
@@ -116,24 +152,25 @@ def test_joint_states_for_layer_distillation_match_transformers(vqa_dir):
         torch.testing.assert_close(st.hidden[i], want.hidden_states[layer + 1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (48, 80), (96, 32)])
-def test_image_embeddings_are_visual_embed_in_raster_order(vqa_dir, size):
-    """Same tokens as transformers' visual_embed, minus its random patch permutation."""
+def test_image_embeddings_are_visual_embed_without_its_shuffle(vqa_dir):
+    """The valid tokens of transformers' visual_embed on a padded canvas (per-image position
+    interpolation), minus its random patch order."""
     teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
-    pixels = torch.rand(B, 3, *size)
+    pixels, pmask, images = canvas()
     emb = teacher.vilt.embeddings
     with torch.no_grad():
-        ours = teacher.embed_image(pixels)
+        ours = teacher.embed_image(images)
         torch.manual_seed(3)
-        theirs, theirs_mask, (patch_index, _) = emb.visual_embed(
-            teacher.normalize(pixels), torch.ones(B, *size, dtype=torch.long), max_image_length=-1)
-    gw = size[1] // 16
-    assert theirs_mask.all() and ours.shape == theirs.shape
-    raster = patch_index[..., 0] * gw + patch_index[..., 1]  # [B, N] raster index of each token
-    assert not torch.equal(raster[0], torch.arange(raster.shape[1]))  # transformers did shuffle
-    gathered = torch.gather(ours[:, 1:], 1, raster[..., None].expand(-1, -1, ours.shape[-1]))
-    torch.testing.assert_close(gathered, theirs[:, 1:], rtol=0, atol=1e-6)
+        normed = teacher.normalize(pixels.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        theirs, theirs_mask, (patch_index, _) = emb.visual_embed(normed, pmask, max_image_length=-1)
     torch.testing.assert_close(ours[:, 0], theirs[:, 0], rtol=0, atol=0)
+    for i in range(B):
+        gh, gw = (int(v) for v in images.grid()[i])
+        keep = theirs_mask[i, 1:].bool()
+        rc = patch_index[i][keep]  # (row, col) of transformers' valid tokens, shuffled
+        assert len(rc) == gh * gw
+        raster = rc[:, 0] * gw + rc[:, 1]
+        torch.testing.assert_close(ours[i, 1:][raster], theirs[i, 1:][keep], rtol=0, atol=1e-5)
 
 
 def test_nlvr2_two_passes(tmp_path):
@@ -143,12 +180,12 @@ def test_nlvr2_two_passes(tmp_path):
     save(ref, tmp_path)
     teacher = HFViltTeacher.from_pretrained(tmp_path, "nlvr2")
     assert teacher.num_classes == 2
-    pixels, ids, mask = inputs()
-    pixels2 = torch.rand_like(pixels)
+    images, ids, mask = inputs()
+    images2, _, _ = inputs(seed=5)
     with torch.no_grad():
-        out = teacher(pixels, ids, mask, pixels2, capture=True)
+        out = teacher(images, ids, mask, images2, capture=True)
         logits, qks = out.logits, out.qk
-        embeds = torch.stack([teacher.embed_image(pixels), teacher.embed_image(pixels2)], 1)
+        embeds = torch.stack([teacher.embed_image(images), teacher.embed_image(images2)], 1)
         pm = torch.ones(B, 2, 1, embeds.shape[2], dtype=torch.long)
         want = ref(input_ids=ids, attention_mask=mask, image_embeds=embeds, pixel_mask=pm).logits
     assert logits.shape == (B, 2) and len(qks) == 2
@@ -157,7 +194,7 @@ def test_nlvr2_two_passes(tmp_path):
     assert torch.equal(qks[0].text_mask, qks[1].text_mask)
     assert not torch.allclose(qks[0].q_text, qks[1].q_text)
     with pytest.raises(ValueError, match="two images"):
-        teacher(pixels, ids, mask)
+        teacher(images, ids, mask)
 
 
 def test_itm_logits_and_plain_model_refused(tmp_path):
@@ -165,14 +202,14 @@ def test_itm_logits_and_plain_model_refused(tmp_path):
     ref = ViltForImageAndTextRetrieval(tiny_config()).eval()
     save(ref, tmp_path / "itm")
     teacher = HFViltTeacher.from_pretrained(tmp_path / "itm", "itm")
-    pixels, ids, mask = inputs()
+    images, ids, mask = inputs()
     with torch.no_grad():
-        logits = teacher(pixels, ids, mask).logits
-        score = ref(input_ids=ids, attention_mask=mask, image_embeds=teacher.embed_image(pixels),
+        logits = teacher(images, ids, mask).logits
+        score = ref(input_ids=ids, attention_mask=mask, image_embeds=teacher.embed_image(images),
                     pixel_mask=torch.ones(B, 1, 17, dtype=torch.long)).logits
-    assert logits.shape == (B, 2) and teacher.num_classes == 2
-    torch.testing.assert_close(logits[:, 1] - logits[:, 0], score[:, 0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits.sum(-1), torch.zeros(B), rtol=0, atol=1e-6)
+    # a ranking score per pair, distilled over each anchor's candidates (losses.itm_listwise_kl)
+    assert logits.shape == (B, 1) and teacher.itm_form == "rank"
+    torch.testing.assert_close(logits, score, rtol=0, atol=1e-6)
 
     save(ViltModel(tiny_config()), tmp_path / "plain")
     with pytest.raises(ValueError, match="ViltForImageAndTextRetrieval"):
@@ -227,17 +264,18 @@ def test_bad_inputs(tmp_path, vqa_dir):
     with pytest.raises(ValueError, match="ViltForImagesAndTextClassification"):
         HFViltTeacher.from_pretrained(vqa_dir, "nlvr2")
     teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
-    pixels, ids, mask = inputs()
+    images, ids, mask = inputs()
     with pytest.raises(ValueError, match="text positions"):
-        teacher(pixels, torch.ones(B, 13, dtype=torch.long), torch.ones(B, 13, dtype=torch.long))
-    with pytest.raises(ValueError, match="multiple of the teacher's patch size"):
-        teacher(torch.rand(B, 3, 50, 64), ids, mask)
+        teacher(images, torch.ones(B, 13, dtype=torch.long), torch.ones(B, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="resample them first"):
+        teacher(inputs(patch=8)[0], ids, mask)
 
 
 def test_small_fusion_student_distils_from_vilt_at_its_own_patch_size(vqa_dir):
     """DistillVLM from a transformers ViLT teacher (patch 16) into a fusion student with patch 8
-    at half the resolution: the same 4x4 grid, so the teacher gets resampled pixels and every
-    token lines up; attention MSE, token NCE and soft labels are finite and reach the student."""
+    at half the resolution: the same 4x4 grid, so the teacher gets each patch resampled to 16 px
+    and every token lines up; attention MSE, token NCE and soft labels are finite and reach the
+    student."""
     from dide_scale.config import LossConfig
     from dide_scale.models.fusion import FusionEncoder
     from dide_scale.models.student import TowerShape
@@ -250,9 +288,9 @@ def test_small_fusion_student_distils_from_vilt_at_its_own_patch_size(vqa_dir):
     task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0, attn_mse=1.0,
                                                     token_nce=1.0, nce_queue_size=32), "vqa")
     task.train()
-    assert task.teacher_image_size == [64, 64] and task.t_layers == (1,) and task.s_layers == (0,)
-    pixels, ids, mask = inputs(32, 32)
-    b = {"pixels": pixels, "input_ids": ids, "attention_mask": mask, "labels": torch.rand(B, 5)}
+    assert task.teacher_patch == 16 and task.t_layers == (1,) and task.s_layers == (0,)
+    images, ids, mask = inputs(32, 32, patch=8)
+    b = {"images": images, "input_ids": ids, "attention_mask": mask, "labels": torch.rand(B, 5)}
     for _ in range(2):  # the second step has negatives in the queue
         out = task.training_forward(b)
     assert all(torch.isfinite(v) for v in out.parts.values()) and out.parts["token_nce"] > 0

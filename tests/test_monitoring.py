@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_overrides
+from conftest import labelled, tiny_overrides
 from dide_scale.models.build import save_pretrained
 from dide_scale.models.fusion import FusionEncoder
 from dide_scale.models.student import TowerShape
@@ -16,7 +16,7 @@ from dide_scale.train import main
 def test_tensorboard_has_every_health_signal(demo_shards, tmp_path):
     shape = TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128)
     torch.manual_seed(0)
-    save_pretrained(FusionEncoder(shape, "vqa", 16), tmp_path / "teacher")
+    save_pretrained(labelled(FusionEncoder(shape, "vqa", 16)), tmp_path / "teacher")
     out = tmp_path / "run"
     assert main(["--config", "debug", *tiny_overrides(demo_shards, out, **{
         "teacher.path": str(tmp_path / "teacher"), "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0,

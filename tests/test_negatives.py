@@ -13,6 +13,7 @@ def negatives_worker(args: dict) -> dict:
     import torch.distributed as dist
 
     from dide_scale.losses import gather_rows, mine_hard_negatives
+    from dide_scale.models.images import images_from_pixels
     from dide_scale.models.student import DualEncoder, TowerShape
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -35,13 +36,15 @@ def negatives_worker(args: dict) -> dict:
     pixels = torch.rand(B, 3, 32, 32, generator=g)
     input_ids = torch.randint(4, 128, (B, 8), generator=g)
     mask = torch.ones(B, 8, dtype=torch.long)
-    out = model(pixels, input_ids, mask, capture=True)
+    images = images_from_pixels(pixels, 8)
+    out = model(images, input_ids, mask, capture=True)
     out.logits.sum().backward()
-    all_pix = [torch.empty_like(pixels) for _ in range(2)]
-    dist.all_gather(all_pix, pixels)
+    all_pix = [torch.empty_like(images.patches) for _ in range(2)]
+    dist.all_gather(all_pix, images.patches)
     every = torch.cat(all_pix)
-    neg_rows = out.rows["pixels"][B:2 * B]
+    neg_rows = out.rows["images"].patches[B:2 * B]
     matches = [int(min(range(2 * B), key=lambda j: float((every[j] - neg_rows[i]).abs().sum()))) for i in range(B)]
+    assert out.rows["images"].valid.all() and out.qk[0].image_mask.all()
     res = {"neg_img": neg_img.tolist(), "neg_txt": neg_txt.tolist(), "got": got[:, 0].tolist(),
            "got_ids": got_ids.tolist(), "got_flags": got_flags.tolist(), "grad": owned.grad[:, 0].tolist(),
            "local_neg": local[0].tolist(), "rows": out.logits.shape[0], "qk_rows": out.qk[0].q_image.shape[0],

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import labelled, tiny_overrides
 from dide_scale.config import load_config
 from dide_scale.models.build import build_student, load_pretrained, save_pretrained
 from dide_scale.models.fusion import FusionEncoder
+from dide_scale.models.images import images_from_pixels
 from dide_scale.models.student import TowerShape
 from dide_scale.train import main
 
@@ -20,7 +21,7 @@ SHAPE = TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32]
 def teacher_dir(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("teacher") / "fusion"
-    save_pretrained(FusionEncoder(SHAPE, "vqa", 16), d)
+    save_pretrained(labelled(FusionEncoder(SHAPE, "vqa", 16)), d)
     return d
 
 
@@ -75,7 +76,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(demo_shards, teacher_dir, t
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     batches = iter(build_loader(cfg))
     for _ in range(2):
-        loss, parts, _ = train_step(engines, task, batches, cfg.grad_accum_steps(1), timed=False)
+        loss, parts, _, _ = train_step(engines, task, batches, cfg.grad_accum_steps(1), timed=False)
         assert torch.isfinite(loss)
     opt_ids = {id(p) for g in engines.student.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in opt_ids for p in teacher.parameters())
@@ -114,7 +115,7 @@ def test_export_reloads_without_deepspeed_and_matches(tmp_path):
     student = build_student(cfg).eval()
     save_pretrained(student, tmp_path / "exp")
     back = load_pretrained(tmp_path / "exp").eval()
-    x = torch.rand(2, 3, 32, 32)
+    x = images_from_pixels(torch.rand(2, 3, 32, 32), 8)
     ids = torch.randint(5, 100, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
     assert torch.equal(student(x, ids, mask).logits, back(x, ids, mask).logits)

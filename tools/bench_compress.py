@@ -74,9 +74,10 @@ def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) ->
     from dide_scale.config import load_config
     from dide_scale.data.pipeline import build_loader
     from dide_scale.models.build import load_pretrained
+    from dide_scale.task import batch_to_device
     cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/00000.tar", "data.num_workers=0"])
-    b = next(iter(build_loader(cfg, "val", batch_size=n)))
-    pix = b["pixels"].float().div(255)
+    b = batch_to_device(next(iter(build_loader(cfg, "val", batch_size=n))), torch.device("cpu"), torch.float32)
+    pix = b["images"]
     models = {"teacher": load_pretrained(teacher_path).eval(), "student": load_pretrained(student_path).eval()}
     out = {f"{k}_params": sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     with torch.inference_mode():

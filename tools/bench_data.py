@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Data-loader throughput: our webdataset reader vs OpenCLIP's training pipeline, same run.
 
-Both pipelines read the same shards, decode JPEGs to 384 px, tokenise captions and batch
-in DataLoader worker processes; the main process only consumes batches.  For each worker
+Both pipelines read the same shards, decode JPEGs to 384 px on the shorter side, tokenise
+captions and batch in DataLoader worker processes; the main process only consumes batches.  For each worker
 count, the pipelines are run one after the other, in an order that alternates between
 repeats, each measured over a fixed window after a warm-up; the median over repeats is
 reported.  Two speeds per run:
@@ -13,12 +13,12 @@ reported.  Two speeds per run:
 
 Pipelines:
 
-* ``ours``: ``WdsBatches`` + ``ResumableLoader`` with ``SampleDecoder('itm')`` (header
-  check, JPEG ``draft``, torch uint8 antialiased resize to the model size) and ``Collate``, as shipped.
-* prototypes (skip with ``--no-prototype``), the changes proposed for transforms.py:
-  A = resize by torch's uint8 antialiased bilinear kernel instead of PIL's, no RGB->RGB copy,
-  pixel batch stacked straight into shared memory (``decode_image_proto``, ``ProtoCollate``);
-  B = A + ``torchvision.io.decode_jpeg`` for JPEGs that ``draft`` cannot shrink.
+* ``ours``: ``WdsBatches`` + ``ResumableLoader`` with ``SampleDecoder('itm')`` and ``Collate``
+  as shipped: header check, full JPEG decode, ViLT's aspect-preserving geometry (shorter side
+  384, longer at most 639) with torch's uint8 antialiased bicubic (transformers'
+  ``ViltImageProcessor`` kernel), patches packed into a static 228-slot sequence in shared
+  memory.  Variants: ``+ jpeg_draft`` (``data.jpeg_draft=true``: libjpeg's reduced-scale
+  decode first), and ``stretch 384x640`` (``data.image_resize=stretch``, the old geometry).
 * ``openclip``: ``open_clip_train.data.get_wds_dataset`` (resampled shards, its shuffle
   buffer, ``wds.decode('pilrgb')``) with ``open_clip.image_transform(384, is_train=True)``
   (RandomResizedCrop(scale 0.9-1) bicubic, ToTensor, Normalize) and its BPE tokenizer;
@@ -143,87 +143,6 @@ def shard_stats(pattern: str, limit: int = 200) -> dict:
             "bpp": 8 * nbytes / max(npix, 1), "mean_mpix": npix / max(k, 1) / 1e6}
 
 
-# --- prototype (what transforms.py could do) ----------------------------------------------
-def decode_image_proto(data: bytes, size: tuple[int, int], max_pixels: int, tv_decode: bool = False):
-    """``transforms.decode_image`` with (a) the resize done by torch's uint8 antialiased
-    bilinear kernel (``F.interpolate(..., antialias=True)`` on the channels-last view; AVX2;
-    within 1 grey level of PIL's bilinear filter) instead of PIL's ``Image.resize``, which also
-    returns a contiguous [3, H, W] tensor, so ``torch.stack`` in ``Collate`` is a plain memcpy;
-    (b) no ``convert('RGB')`` copy when the image already is RGB; (c) with ``tv_decode``, JPEGs
-    that ``draft`` cannot shrink are decoded by ``torchvision.io.decode_jpeg`` (same
-    libjpeg-turbo output, less per-image overhead than PIL's chunked ``load``)."""
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    from dide_scale.data.transforms import SkipSample
-    h, w = size
-    if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        raise SkipSample("truncated_image")
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise SkipSample("oversized_image")
-        t = None
-        if img.format == "JPEG":
-            full = img.size
-            img.draft("RGB", (w, h))
-            if tv_decode and img.size == full:
-                import torchvision.io as tio
-                t = tio.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
-        if t is None:
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)  # np.asarray decodes; channels-last view
-    except SkipSample:
-        raise
-    except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError):
-        raise SkipSample("corrupt_image") from None
-    if t.shape[1:] != (h, w):
-        t = F.interpolate(t[None], size=(h, w), mode="bilinear", antialias=True)[0]
-    return t
-
-
-class ProtoDecoder:
-    """``SampleDecoder`` calling ``decode_image_proto`` (picklable)."""
-
-    def __init__(self, task: str, size: tuple[int, int], tv_decode: bool = False):
-        from dide_scale.data.transforms import SampleDecoder
-        self.inner, self.tv_decode = SampleDecoder(task, size), tv_decode
-
-    def __call__(self, raw: dict) -> dict:
-        from dide_scale.data import transforms as T
-        saved = T.decode_image
-        T.decode_image = lambda d, size, mp: decode_image_proto(d, size, mp, self.tv_decode)
-        try:
-            return self.inner(raw)
-        finally:
-            T.decode_image = saved
-
-
-def stack_shared(tensors: list):
-    """The shipped ``dide_scale.data.transforms.stack_shared`` (prototype A, now folded in)."""
-    from dide_scale.data.transforms import stack_shared as shipped
-    return shipped(tensors)
-
-
-class ProtoCollate:
-    """``Collate`` with the pixel batch stacked by ``stack_shared`` (picklable)."""
-
-    def __init__(self, tokenizer: str, max_len: int):
-        from dide_scale.data.transforms import Collate
-        self.inner = Collate(tokenizer, max_len)
-
-    def __call__(self, samples: list[dict]) -> dict:
-        import torch
-        dummy = torch.zeros(0, dtype=torch.uint8)
-        batch = self.inner([{**s, "pixels": dummy, **({"pixels2": dummy} if "pixels2" in s else {})}
-                            for s in samples])
-        batch["pixels"] = stack_shared([s["pixels"] for s in samples])
-        if "pixels2" in samples[0]:
-            batch["pixels2"] = stack_shared([s["pixels2"] for s in samples])
-        return batch
-
-
 # --- pipelines --------------------------------------------------------------------------------
 class Run:
     """One started loader: an iterator of batches and a way to stop its workers."""
@@ -232,20 +151,18 @@ class Run:
         self.it, self.stop = it, stop
 
 
-def start_ours(pattern: str, size: tuple[int, int], workers: int, bs: int, tokenizer: str, max_len: int,
-               proto: str = "", open_shards: int = 4) -> Run:
-    """``proto``: '' (as shipped), 'fast' (ProtoDecoder + ProtoCollate), 'fast+tv' (also
-    torchvision's JPEG decoder where draft does not apply)."""
+def start_ours(pattern: str, variant: str, workers: int, bs: int, tokenizer: str, max_len: int,
+               open_shards: int = 4) -> Run:
+    """``variant``: 'vilt' (as shipped), 'vilt+draft' (data.jpeg_draft), 'stretch' (384x640)."""
     from dide_scale.data.pipeline import ResumableLoader, WdsBatches, expand_sources
-    from dide_scale.data.transforms import Collate, SampleDecoder
-    if proto:
-        dec, col = ProtoDecoder("itm", size, tv_decode=proto == "fast+tv"), ProtoCollate(tokenizer, max_len)
-    else:
-        dec, col = SampleDecoder("itm", size), Collate(tokenizer, max_len)
+    from dide_scale.data.transforms import Collate, Geometry, SampleDecoder
+    geo = Geometry("stretch", 384, 640, 32) if variant == "stretch" else Geometry("vilt", 384, 639, 32)
+    dec = SampleDecoder("itm", geo, draft=variant == "vilt+draft")
+    col = Collate(tokenizer, max_len, geo.max_patches)
     ds = WdsBatches(expand_sources(pattern), dec, col, bs, seed=0, resampled=True,
                     open_shards=open_shards, num_workers=workers)
     gen = iter(ResumableLoader(ds, pin_memory=False, repeat=True))
-    return Run((len(b["keys"]) for b in gen), gen.close)
+    return Run(((len(b["keys"]), int(b["patch_valid"].sum()) * 32 * 32) for b in gen), gen.close)
 
 
 def _patch_openclip_eof(ocd) -> None:
@@ -287,7 +204,7 @@ def start_openclip(pattern: str, size: int, workers: int, bs: int, is_train: boo
         if hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         loader._iterator = None
-    return Run((len(images) for images, _ in it), stop)
+    return Run(((len(images), images[0].numel() // 3 * len(images)) for images, _ in it), stop)
 
 
 # --- measurement ------------------------------------------------------------------------------
@@ -310,16 +227,17 @@ def measure(start, workers: int, warmup_s: float, window_s: float) -> dict:
     try:
         n_warm = 0
         t_first = None
-        for n in run.it:  # warm-up: worker start, tokenizer load, shard opens, OpenCLIP's shuffle fill
+        for _ in run.it:  # warm-up: worker start, tokenizer load, shard opens, OpenCLIP's shuffle fill
             t_first = t_first or time.perf_counter()
             n_warm += 1
             if time.perf_counter() - t_start >= warmup_s and n_warm >= 2 * max(1, workers):
                 break
         first = time.perf_counter() - t_start
         c0, m0, t0 = _children_cpu(me), time.process_time(), time.perf_counter()
-        images = batches = 0
-        for n in run.it:
+        images = batches = pixels = 0
+        for n, px in run.it:
             images += n
+            pixels += px
             batches += 1
             if time.perf_counter() - t0 >= window_s and batches >= 2 * max(1, workers):
                 break
@@ -334,7 +252,7 @@ def measure(start, workers: int, warmup_s: float, window_s: float) -> dict:
             except Exception:
                 pass
         gc.collect()
-    return {"images": images, "seconds": dt, "ips": images / dt, "worker_cpu": wcpu, "main_cpu": mcpu,
+    return {"images": images, "seconds": dt, "ips": images / dt, "out_kpix": pixels / max(images, 1) / 1e3, "worker_cpu": wcpu, "main_cpu": mcpu,
             "ips_per_cpu": images / wcpu if wcpu > 0 else float("nan"), "warmup": first,
             "first_batch": t_first - t_start, "total": time.perf_counter() - t_start}
 
@@ -375,18 +293,15 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default=None, help="write the synthetic shards here and keep them (reused if present)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=32, help="pretrain_b32's micro_batch_size")
-    ap.add_argument("--size", type=int, default=384, help="square output size for both pipelines")
-    ap.add_argument("--model-size", type=int, nargs=2, default=[384, 640], metavar=("H", "W"),
-                    help="our model's image_size: ours and the prototypes also at this size, first worker "
-                         "count only (0 0 to skip)")
+    ap.add_argument("--size", type=int, default=384, help="OpenCLIP's square output size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=1.2, help="seconds per run before the window")
     ap.add_argument("--window", type=float, default=2.5, help="measured seconds per run")
     ap.add_argument("--tokenizer", default="builtin:demo", help="our Collate's tokenizer (offline default)")
     ap.add_argument("--max-text-len", type=int, default=40)
     ap.add_argument("--openclip-transform", choices=["train", "val"], default="train")
-    ap.add_argument("--no-prototype", dest="prototype", action="store_false",
-                    help="skip the prototype decoders (see ProtoDecoder)")
+    ap.add_argument("--variants", nargs="+", default=["vilt", "vilt+draft", "stretch"],
+                    choices=["vilt", "vilt+draft", "stretch"], help="our decoder settings to measure")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -419,20 +334,12 @@ def main(argv=None) -> int:
     pipes.append(("openclip", f"OpenCLIP `get_wds_dataset` + `image_transform({S}, is_train={is_train})`",
                   f"{S}x{S}", args.workers, lambda w: start_openclip(pattern, S, w, args.batch_size, is_train)))
 
-    def ours(size, proto=""):
-        return lambda w: start_ours(pattern, size, w, args.batch_size, args.tokenizer, args.max_text_len, proto)
-    w1 = args.workers[:1]
-    labels = {"": "ours as shipped", "fast": "prototype A: torch uint8 resize + shared-memory stack",
-              "fast+tv": "prototype B: A + torchvision `decode_jpeg` where draft does not apply"}
-    sizes = [(S, S)]
-    mh, mw = args.model_size
-    if mh and mw and (mh, mw) != (S, S):
-        sizes.append((mh, mw))
-    for size in sizes:
-        tag = "" if size == (S, S) else "_model"
-        for proto in ["", "fast", "fast+tv"] if args.prototype else [""]:
-            wl = args.workers if size == (S, S) and proto != "fast+tv" else w1
-            pipes.append(((proto or "ours") + tag, labels[proto], f"{size[0]}x{size[1]}", wl, ours(size, proto)))
+    labels = {"vilt": "ours as shipped: ViLT geometry 384/639, full decode, bicubic",
+              "vilt+draft": "ours + `data.jpeg_draft=true`", "stretch": "ours, `data.image_resize=stretch` 384x640"}
+    for v in args.variants:
+        pipes.append((v, labels[v], "384 shorter, <= 639" if v != "stretch" else "384x640", args.workers,
+                      (lambda v: lambda w: start_ours(pattern, v, w, args.batch_size, args.tokenizer,
+                                                      args.max_text_len))(v)))
     results: dict[tuple[str, int], list[dict]] = {}
     for rep in range(args.repeats):
         for w in args.workers:
@@ -447,7 +354,8 @@ def main(argv=None) -> int:
                       f"{r['first_batch']:.1f} s, run {r['total']:.1f} s)", file=sys.stderr)
     load1 = os.getloadavg()
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("ips", "ips_per_cpu")} for k, v in results.items()}
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("ips", "ips_per_cpu", "out_kpix")}
+           for k, v in results.items()}
     rng_ = {k: (min(r["ips"] for r in v), max(r["ips"] for r in v)) for k, v in results.items()}
     try:
         cores = len(os.sched_getaffinity(0))
@@ -469,16 +377,16 @@ def main(argv=None) -> int:
         "(train: RandomResizedCrop(scale 0.9-1.0, bicubic) + ToTensor + Normalize, float32 out), "
         "`get_tokenizer('ViT-B-32')` (BPE, 77 tokens); webdataset>=0.2.96 needs `eof_value=None` in its "
         "`tarfile_to_samples_nothrow` (patched here, webdataset#384)",
-        f"- Ours: `WdsBatches` + `ResumableLoader`, `SampleDecoder('itm')` (header check, JPEG draft, torch uint8 "
-        f"antialiased resize, batch stacked in shared memory; prototype A folded in), `Collate('{args.tokenizer}', {args.max_text_len})`, open_shards 4; prototypes: "
-        "A = torch uint8 antialiased bilinear resize instead of PIL's, no RGB copy, batch stacked into shared "
-        "memory; B = A + `torchvision.io.decode_jpeg` where draft does not shrink (see `decode_image_proto`)",
+        f"- Ours: `WdsBatches` + `ResumableLoader`, `SampleDecoder('itm', Geometry(...))` (header check, decode, "
+        f"torch uint8 antialiased bicubic resize, patches packed in shared memory), "
+        f"`Collate('{args.tokenizer}', {args.max_text_len}, 228)`, open_shards 4, uint8 out (each model normalises "
+        "on its device)",
         "- images/s per worker = images/s / workers; images per worker CPU-s = images / CPU time of the worker "
         "processes in the window (independent of other load on the machine)",
         "",
-        "| pipeline | output | workers | images/s | images/s per worker | images per worker CPU-s "
-        "| ours / OpenCLIP (per worker; per CPU-s) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| pipeline | output | mean output kpixels | workers | images/s | images/s per worker | images per worker "
+        "CPU-s | ours / OpenCLIP (per worker; per CPU-s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label, out, wl, _ in pipes:
         for w in wl:
@@ -487,8 +395,8 @@ def main(argv=None) -> int:
             oc = med.get(("openclip", w))
             ratio = ("-" if key == "openclip" or oc is None else
                      f"{m['ips'] / oc['ips']:.2f}x; {m['ips_per_cpu'] / oc['ips_per_cpu']:.2f}x")
-            lines.append(f"| {label} | {out} | {w} | {m['ips']:.0f} ({lo:.0f}-{hi:.0f}) | {m['ips'] / max(w, 1):.0f} "
-                         f"| {m['ips_per_cpu']:.0f} | {ratio} |")
+            lines.append(f"| {label} | {out} | {m['out_kpix']:.0f} | {w} | {m['ips']:.0f} ({lo:.0f}-{hi:.0f}) | "
+                         f"{m['ips'] / max(w, 1):.0f} | {m['ips_per_cpu']:.0f} | {ratio} |")
     lines += ["", f"Total benchmark time {time.perf_counter() - t_all:.0f} s."]
     report = "\n".join(lines)
     print(report)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Inference speed: the DiDE dual-encoder student vs its fusion teacher, side by side.
 
-Paper shapes by default (B/32 width and depth for both, images 384x640 = 240 patches,
-40 text tokens).  Both models use the same timm blocks with fused SDPA attention, so the
+Paper shapes by default (B/32 width and depth for both, 4:3 photos at ViLT's geometry:
+384x512 = 192 patches in 228 slots, 40 text tokens).  Both models use the same timm blocks with fused SDPA attention, so the
 comparison measures the architecture, not two implementations.
 
   (a) uncached: every question pays for its image (equal token counts per forward);
@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_train import PRESETS  # noqa: E402
+from bench_train import IMAGES, PRESETS, synthetic_images  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     student = DualEncoder(shape, "itm", 2)
     teacher = FusionEncoder(shape, "itm", 2)
-    h, w = arch["image_size"]
+    h, w = IMAGES[args.preset][0]
     L = arch["max_text_len"]
     g = torch.Generator().manual_seed(0)
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         ids = torch.randint(5, arch["vocab_size"], (n, L), generator=g)
         return ids, torch.ones_like(ids)
     n_img = max(1, args.batch // args.questions_per_image)
-    pixels = torch.randint(0, 256, (args.batch, 3, h, w), dtype=torch.uint8, generator=g)
+    pixels = synthetic_images(args.preset, args.batch, g)
     ids, mask = texts(args.batch)
     res = {}
     ab = compare_vqa_throughput(student, teacher, pixels, ids, mask, questions_per_image=1, device=dev, dtype=dtype,
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     n, m = args.retrieval
     inf = DualEncoderInference(student, dev, dtype)
     teacher = teacher.eval().to(dev, dtype)
-    r_pix = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g).to(dev)
+    r_pix = synthetic_images(args.preset, n, g)
     r_ids, r_mask = (t.to(dev) for t in texts(m))
 
     def student_retrieval():
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
 
     @torch.inference_mode()
     def teacher_retrieval():
-        pix = r_pix.to(dtype).div(255.0)
+        pix = inf._images(r_pix)
         for i in range(n):  # every image against all texts, one batched joint forward per image
-            teacher(pix[i:i + 1].expand(m, -1, -1, -1), r_ids, r_mask)
+            teacher(pix[[i] * m], r_ids, r_mask)
     pairs = n * m
     r = throughput({"student": student_retrieval, "teacher": teacher_retrieval}, pairs, rounds=args.repeats, sync=sync)
     res["c_retrieval"] = {"teacher": r["teacher"], "student": r["student"], "speedup": r["student"] / r["teacher"],

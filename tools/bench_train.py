@@ -29,23 +29,45 @@ import torch  # noqa: E402
 PRESETS = {
     "debug": dict(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
     "demo": dict(width=64, depth=3, heads=4, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
-    "b32": dict(width=768, depth=12, heads=12, patch_size=32, image_size=[384, 640], max_text_len=40,
+    "b32": dict(width=768, depth=12, heads=12, patch_size=32, image_size=[384, 384], max_text_len=40,
                 vocab_size=30522),
 }
+# the images each preset sees: (height, width) of the synthetic photos and data.image_shorter/longer.
+# b32: 4:3 photos at ViLT's geometry, 12 x 16 = 192 real patches in 12 x 19 = 228 slots
+IMAGES = {"debug": ((32, 32), (32, 32)), "demo": ((32, 32), (32, 32)), "b32": ((384, 512), (384, 639))}
+
+
+def data_overrides(preset: str) -> list[str]:
+    shorter, longer = IMAGES[preset][1]
+    return [f"data.image_shorter={shorter}", f"data.image_longer={longer}"]
+
+
+def synthetic_images(preset: str, n: int, g: torch.Generator):
+    """``n`` uint8 images of the preset's photo size as a padded patch batch (ViLT geometry)."""
+    from dide_scale.models.images import images_from_pixels
+    (h, w), (shorter, longer) = IMAGES[preset]
+    p = PRESETS[preset]["patch_size"]
+    slots = (shorter // p) * (longer // p)
+    return images_from_pixels(torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g), p,
+                              max_patches=slots)
 
 
 def arch_overrides(prefix: str, arch: dict) -> list[str]:
     return [f"{prefix}.{k}={json.dumps(v)}" for k, v in arch.items()]
 
 
-def synthetic_batch(arch: dict, batch: int, task: str, num_classes: int, seed: int = 0) -> dict:
+def synthetic_batch(preset: str, batch: int, task: str, num_classes: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    h, w = arch["image_size"]
+    arch = PRESETS[preset]
     ids = torch.randint(5, arch["vocab_size"], (batch, arch["max_text_len"]), generator=g)
     mask = torch.ones_like(ids)
     mask[:, arch["max_text_len"] * 3 // 4:] = 0  # some padding, as real captions have
-    out = {"pixels": torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=g),
+    images = synthetic_images(preset, batch, g)
+    out = {"patches": images.patches, "patch_coord": images.coord, "patch_valid": images.valid,
            "input_ids": ids, "attention_mask": mask}
+    if task == "nlvr2":
+        second = synthetic_images(preset, batch, g)
+        out.update(patches2=second.patches, patch_coord2=second.coord, patch_valid2=second.valid)
     if task == "vqa":
         out["labels"] = (torch.rand(batch, num_classes, generator=g) > 0.97).float()
     elif task != "itm":
@@ -65,7 +87,7 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     engines = engine.build_engines(cfg, engine.build_ds_config(cfg, 1), student, teacher)
     task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=engine.synchronize)
     task.train()
-    data = synthetic_batch(PRESETS_USED, batch, cfg.train.task, cfg.num_classes())
+    data = synthetic_batch(PRESET_USED[0], batch, cfg.train.task, cfg.num_classes())
 
     def batches():
         while True:
@@ -76,13 +98,13 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     per_step = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        _, _, times = train_step(engines, task, it, 1, timed=True)
+        _, _, times, _ = train_step(engines, task, it, 1, timed=True)
         engine.synchronize()
         times["total"] = time.perf_counter() - t0
         if i >= warmup:
             per_step.append(times)
     med = {k: statistics.median(s[k] for s in per_step) for k in per_step[0]}
-    flops = model_flops_per_sample(cfg, getattr(teacher, "shape", None))
+    flops = model_flops_per_sample(cfg, teacher)
     sps = batch / med["total"]
     peak = peak_flops()
     out = {"seconds": med, "samples_per_s": sps, "flops_per_sample": flops,
@@ -95,7 +117,7 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     return out
 
 
-PRESETS_USED: dict = {}
+PRESET_USED: list[str] = []
 
 
 def main(argv=None) -> int:
@@ -116,13 +138,20 @@ def main(argv=None) -> int:
     from dide_scale.models.fusion import FusionEncoder
     from dide_scale.models.student import TowerShape
     arch = PRESETS[args.preset]
-    PRESETS_USED.update(arch)
+    PRESET_USED.append(args.preset)
     engine.init_distributed(distributed.detect(), 600)
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     n_cls = {"vqa": 3129, "itm": 2, "nlvr2": 2, "snli_ve": 3}[args.task]
     teacher_dir = f"{tmp}/teacher"
-    save_pretrained(FusionEncoder(TowerShape(**arch), args.task, n_cls), teacher_dir)
-    base = [*arch_overrides("student.arch", arch), *arch_overrides("teacher.arch", arch),
+    t = FusionEncoder(TowerShape(**arch), args.task, n_cls)
+    t.labels = [f"answer {i}" for i in range(n_cls)] if args.task == "vqa" else \
+        {"itm": None, "nlvr2": ["False", "True"], "snli_ve": ["entailment", "neutral", "contradiction"]}[args.task]
+    save_pretrained(t, teacher_dir)
+    answers = f"{tmp}/answers.json"
+    with open(answers, "w") as f:
+        json.dump([f"answer {i}" for i in range(n_cls)], f)
+    base = [*arch_overrides("student.arch", arch), *arch_overrides("teacher.arch", arch), *data_overrides(args.preset),
+            f"data.answer_vocab={answers if args.task == 'vqa' else ''}",
             f"train.task={args.task}", f"data.num_answers={n_cls}", f"train.precision={args.precision}",
                        f"train.zero_stage={args.zero}", f"train.global_batch_size={args.batch}",
                        f"train.micro_batch_size={args.batch}", f"train.output_dir={tmp}/run", "data.tokenizer=x"]

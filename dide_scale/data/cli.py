@@ -11,7 +11,8 @@ after an interruption; see dide_scale/data/convert.py for the choices made):
     dide-data vg --regions region_descriptions.json --image-data image_data.json --images VG_DIR --out DIR
     dide-data img2dataset CC3M_DIR                      # validate, write CC3M_DIR/sizes.json
     dide-data img2dataset CC3M_DIR --samples-per-shard N --out DIR   # re-shard
-    dide-data vqa --questions Q.json --annotations A.json --images COCO_DIR --out DIR [--answers answers.json]
+    dide-data vqa --questions Q.json --annotations A.json --images COCO_DIR --out DIR
+        [--answers answers.json | --answers-from TEACHER_DIR]
     dide-data nlvr2 --data train.json --images NLVR2_IMAGES --out DIR
     dide-data snli_ve --data snli_ve_train.jsonl --images flickr30k_images --out DIR
 """
@@ -86,10 +87,32 @@ def cmd_img2dataset(args) -> int:
                           samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
 
 
+def teacher_answers(teacher_dir: str) -> list[str]:
+    """A VQA checkpoint's answers in its own output order (config.json id2label)."""
+    from ..labels import names_from_id2label
+    cfg_file = Path(teacher_dir) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"--answers-from {teacher_dir}: no config.json (expected a model directory)")
+    names = names_from_id2label(json.loads(cfg_file.read_text()).get("id2label"))
+    if not names:
+        raise ValueError(f"--answers-from {teacher_dir}: its config.json has no answer names (id2label)")
+    return names
+
+
 def cmd_vqa(args) -> int:
     from .convert import convert_vqa
+    answers = args.answers
+    if args.answers_from:
+        if args.answers:
+            print("dide-data: error: give --answers or --answers-from, not both", file=sys.stderr)
+            return 2
+        try:
+            answers = teacher_answers(args.answers_from)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"dide-data: error: {e}", file=sys.stderr)
+            return 2
     return _run_converter(convert_vqa, questions_json=args.questions, image_dir=args.images, out_dir=args.out,
-                          annotations_json=args.annotations, answer_vocab=args.answers, num_answers=args.num_answers,
+                          annotations_json=args.annotations, answer_vocab=answers, num_answers=args.num_answers,
                           samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
 
 
@@ -154,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--annotations", help="v2_mscoco_{split}_annotations.json (omit for test)")
     q.add_argument("--images", required=True, help="COCO image folder (COCO_{split}2014_{id:012d}.jpg)")
     q.add_argument("--answers", help="answers.json to use (train's, for val); default: build from --annotations")
+    q.add_argument("--answers-from", metavar="TEACHER_DIR",
+                   help="use a VQA checkpoint's answers in its own order (its config.json id2label), so the student's "
+                        "head and the teacher's soft labels share one label space")
     q.add_argument("--num-answers", type=int, default=3129, help="vocabulary size when building it (default 3129)")
     n = _converter(sub, "nlvr2", "NLVR2 JSON lines + image pairs -> one sample per example", cmd_nlvr2)
     n.add_argument("--data", required=True, help="train.json / dev.json / test1.json (JSON lines)")

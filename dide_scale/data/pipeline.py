@@ -58,6 +58,12 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
+def sample_seed(seed: int, rank: int, worker: int, epoch: int, drawn: int) -> int:
+    """The seed of a sample's own random choices (augmentation): a pure function of where the
+    sample sits in its stream, so a resumed stream draws exactly what the first one did."""
+    return int(_rng(seed, rank, worker, 3, epoch, drawn).integers(2 ** 62))
+
+
 def iter_raw_samples(url: str) -> Iterator[dict]:
     """Raw samples (suffix -> bytes) of one tar shard, in file order."""
     with open(url, "rb") as f:
@@ -188,6 +194,7 @@ class WdsBatches(IterableDataset):
         def position() -> dict:  # this stream's resumable state plus its cumulative counters
             return {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source)}
         for raw, src in stream:
+            raw["__seed__"] = sample_seed(self.seed, self.rank, logical, self.epoch, stream.drawn)
             try:
                 buf.append(self.decode(raw))
                 bad_run = 0
@@ -299,24 +306,34 @@ def answer_list(cfg) -> list[str]:
     return answers
 
 
+def geometry(cfg):
+    """The image geometry of a RunConfig (``data.image_*`` and the student's patch size)."""
+    from .transforms import Geometry
+    d = cfg.data
+    return Geometry(d.image_resize, d.image_shorter, d.image_longer, cfg.student.arch.patch_size)
+
+
 def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch_size: int | None = None,
                  task: str | None = None) -> ResumableLoader:
     """The train (resampled, rank-split) or evaluation (one ordered pass, every rank reads
     the whole split) loader of a RunConfig."""
-    from .transforms import Collate, SampleDecoder
+    from .transforms import Collate, RandAugment, SampleDecoder
     task = task or cfg.train.task
     answers = answer_list(cfg) if task == "vqa" else None
-    arch = cfg.student.arch
-    decode = SampleDecoder(task, tuple(arch.image_size), cfg.data.max_image_pixels, answers)
-    collate = Collate(cfg.data.tokenizer, arch.max_text_len)
+    geo = geometry(cfg)
+    d = cfg.data
+    augment = RandAugment(d.randaugment_ops, d.randaugment_magnitude) if d.randaugment_ops and split == "train" \
+        else None
+    decode = SampleDecoder(task, geo, d.max_image_pixels, answers, draft=d.jpeg_draft, augment=augment)
+    collate = Collate(d.tokenizer, cfg.student.arch.max_text_len, geo.max_patches)
     bs = batch_size or cfg.train.micro_batch_size
     if split == "train":
-        sources = expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
-        ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, rank, world, cfg.data.resampled,
-                        cfg.data.open_shards, cfg.data.num_workers)
+        sources = expand_sources(d.train_shards, d.train_weights or None)
+        ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, rank, world, d.resampled,
+                        d.open_shards, d.num_workers)
         return ResumableLoader(ds, pin_memory=torch.cuda.is_available(), repeat=True)
     else:
-        sources = expand_sources(cfg.data.val_shards)
+        sources = expand_sources(d.val_shards)
         ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, 0, 1, False, 1,
-                        min(cfg.data.num_workers, sum(len(s.urls) for s in sources)), epoch=-1, drop_last=False)
+                        min(d.num_workers, sum(len(s.urls) for s in sources)), epoch=-1, drop_last=False)
     return ResumableLoader(ds)

@@ -1,8 +1,15 @@
 """Per-sample decoding and per-batch collation, run inside data-loader workers.
 
-One decode serves both models: images become uint8 [3, H, W] at the model resolution and
-each model normalises them itself on the device; text is tokenised once (the teacher must
-see the same tokens as the student, which ``check_tokenizers`` enforces at build time).
+One decode serves both models.  An image is resized by ViLT's rule (the shorter side to
+``shorter``, the longer side at most ``longer``, both floored to multiples of the patch
+size, aspect ratio kept; see :class:`Geometry`) with the kernel transformers'
+``ViltImageProcessor`` uses (torch's antialiased bicubic on uint8), then cut into patches.
+A batch holds each image as a padded sequence of patches with 2-D coordinates and a
+validity mask (timm NaFlexViT's layout): ``patches`` uint8 [B, N, P*P*3] (P-P-C, channel
+fastest), ``patch_coord`` [B, N, 2] (row, column in the image's own grid), ``patch_valid``
+[B, N] bool, where N = ``Geometry.max_patches`` for every batch, so shapes stay static.
+Each model normalises the pixels itself on the device; text is tokenised once (the
+teacher must see the student's tokens, which ``check_tokenizers`` enforces).
 Bad samples raise :class:`SkipSample` with a reason; the reader counts and drops them.
 """
 from __future__ import annotations
@@ -12,11 +19,14 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..models.images import patchify, raster_coords
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, cheaper, header-based limit
 # PIL hands numpy a read-only buffer; the tensor is only ever read (resize or collate make
@@ -24,6 +34,48 @@ Image.MAX_IMAGE_PIXELS = None  # we enforce our own, cheaper, header-based limit
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 SNLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+NLVR2_LABELS = ("False", "True")
+
+
+def vilt_size(h: int, w: int, shorter: int, longer: int, divisor: int) -> tuple[int, int]:
+    """ViLT's resize rule (``ViltImageProcessor.resize``; ``MinMaxResize`` in the original
+    ViLT code), written with the same float operations so the sizes agree exactly: the
+    shorter side to ``shorter``, then everything scaled down if the longer side exceeds
+    ``longer``, rounded, and floored to multiples of ``divisor``.  Unlike the processor, a
+    side never drops below one patch (an extreme panorama would otherwise get none)."""
+    if h < w:
+        new_h, new_w = shorter, w * (shorter / h)
+    else:
+        new_h, new_w = h * (shorter / w), shorter
+    if max(new_h, new_w) > longer:
+        scale = longer / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    new_h, new_w = int(new_h + 0.5), int(new_w + 0.5)
+    return max(divisor, new_h // divisor * divisor), max(divisor, new_w // divisor * divisor)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image becomes patches (picklable: it runs in data-loader workers).
+
+    ``resize='vilt'``: aspect ratio kept by :func:`vilt_size` (a portrait image gets its long
+    side vertical, as in ViLT); ``'stretch'``: every image resized to exactly
+    ``shorter x longer`` (height x width) whatever its aspect ratio.  Every batch is padded to
+    ``max_patches`` patches per image, the most that either rule can produce."""
+
+    resize: str = "vilt"
+    shorter: int = 384
+    longer: int = 639
+    patch: int = 32
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.resize == "stretch":
+            return self.shorter // self.patch * self.patch, self.longer // self.patch * self.patch
+        return vilt_size(h, w, self.shorter, self.longer, self.patch)
+
+    @property
+    def max_patches(self) -> int:
+        return max(1, self.shorter // self.patch) * max(1, self.longer // self.patch)
 
 
 class SkipSample(Exception):
@@ -49,45 +101,85 @@ def load_tokenizer(name: str):
                                 f"as a hub id ({e.__class__.__name__})") from None
 
 
-def decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> torch.Tensor:
-    """JPEG/PNG bytes -> uint8 [3, H, W], contiguous.
+def decode_image(data: bytes, geometry: Geometry, max_pixels: int, draft: bool = False) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 [3, H, W] at ``geometry``'s size for this image.
 
-    The header is read first (no pixel decode) to reject oversized images; JPEGs are then
-    decoded at a reduced DCT scale (``draft``) where the size allows, and resized with
-    torch's uint8 antialiased bilinear kernel (about 6x faster than PIL's resize here;
-    tools/bench_data.py has the profile).
+    The header is read first (no pixel decode) to reject oversized images.  The resize is
+    ``torch.nn.functional.interpolate(mode='bicubic', antialias=True)`` on uint8, which is
+    what transformers' ``ViltImageProcessor`` runs on CPU, so a teacher sees the pixels its
+    own processor would give it.  ``draft`` lets libjpeg decode large JPEGs at a reduced DCT
+    scale first (much faster for photos several times the target size, but the pixels then
+    differ slightly from the processor's).
     """
-    h, w = size
     if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         raise SkipSample("truncated_image")  # no end-of-image marker: libjpeg would pad silently
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             raise SkipSample("oversized_image")
-        if img.format == "JPEG":
+        h, w = geometry.output_size(img.height, img.width)  # from the original size, draft or not
+        if draft and img.format == "JPEG":
             img.draft("RGB", (w, h))
         if img.mode != "RGB":
             img = img.convert("RGB")
-        t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)  # asarray runs the decode
+        # [1, 3, H, W] over the HWC buffer (asarray runs the decode); built from the 4-d view so
+        # its strides say channels-last unambiguously and the resize returns channels-last too
+        # (patchify then reads contiguous pixel rows)
+        t = torch.from_numpy(np.asarray(img))[None].permute(0, 3, 1, 2)
     except SkipSample:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise SkipSample("corrupt_image") from None
-    if t.shape[1:] != (h, w):
-        t = torch.nn.functional.interpolate(t[None], size=(h, w), mode="bilinear", antialias=True)[0]
-    return t.contiguous()
+    if t.shape[2:] != (h, w):
+        t = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    return t[0]
 
 
-def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``, straight into shared memory inside a DataLoader worker (as torch's
+class RandAugment:
+    """torchvision's ``RandAugment(ops, magnitude)`` on uint8 [3, H, W], with its random draws
+    seeded from the sample's position in the stream (``seed``), so a resumed run augments
+    every sample exactly as the uninterrupted one did.  Picklable."""
+
+    def __init__(self, ops: int, magnitude: int):
+        self.ops, self.magnitude = ops, magnitude
+        self._aug = None
+
+    def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        if self._aug is None:
+            import torchvision.transforms as T
+            self._aug = T.RandAugment(num_ops=self.ops, magnitude=self.magnitude)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._aug(image)
+
+
+def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor, in shared memory inside a DataLoader worker (as torch's
     ``default_collate`` does), so the batch reaches the main process without a second copy."""
     from torch.utils.data import get_worker_info
-    out = None
-    if get_worker_info() is not None:
-        e = tensors[0]
-        storage = e._typed_storage()._new_shared(len(tensors) * e.numel(), device=e.device)
-        out = e.new(storage).resize_(len(tensors), *e.shape)
-    return torch.stack(tensors, 0, out=out)
+    if get_worker_info() is None:
+        return torch.zeros(shape, dtype=dtype)
+    n = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(n, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).resize_(*shape).zero_()
+
+
+def pack_patches(images: list[tuple[torch.Tensor, int, int]], max_patches: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(patches [n, D], gh, gw), ...] -> (patches [B, N, D] uint8, coord [B, N, 2] int32,
+    valid [B, N] bool) with N = ``max_patches``; padding is zeros at coordinate (0, 0)."""
+    b, d = len(images), images[0][0].shape[1]
+    patches = shared_zeros((b, max_patches, d), torch.uint8)
+    coord = torch.zeros(b, max_patches, 2, dtype=torch.int32)
+    valid = torch.zeros(b, max_patches, dtype=torch.bool)
+    for i, (p, gh, gw) in enumerate(images):
+        n = p.shape[0]
+        if n > max_patches:
+            raise ValueError(f"an image has {n} patches but the batch holds {max_patches}")
+        patches[i, :n] = p
+        coord[i, :n] = raster_coords(gh, gw)
+        valid[i, :n] = True
+    return patches, coord, valid
 
 
 def decode_text(data: bytes | str | None, reason: str = "missing_caption") -> str:
@@ -104,20 +196,33 @@ def decode_text(data: bytes | str | None, reason: str = "missing_caption") -> st
 
 
 class SampleDecoder:
-    """Raw tar sample (suffix -> bytes) -> dict(pixels, text, [pixels2], [label], meta).
+    """Raw tar sample (suffix -> bytes) -> dict(image, text, [image2], [label], meta), where an
+    image is ``(patches [n, P*P*3] uint8, grid rows, grid cols)``.
 
-    Picklable (plain attributes), so it runs in data-loader workers.
+    ``augment`` (fine-tuning) is applied once per image after the resize, so the teacher and
+    the student see the same augmented pixels; its randomness comes from ``raw['__seed__']``
+    (set by the reader from the sample's stream position).  Picklable (plain attributes),
+    so it runs in data-loader workers.
     """
 
-    def __init__(self, task: str, image_size: tuple[int, int], max_pixels: int = 40_000_000,
-                 answers: list[str] | None = None):
-        self.task, self.size, self.max_pixels = task, tuple(image_size), max_pixels
+    def __init__(self, task: str, geometry: Geometry, max_pixels: int = 40_000_000,
+                 answers: list[str] | None = None, draft: bool = False, augment: RandAugment | None = None):
+        self.task, self.geometry, self.max_pixels = task, geometry, max_pixels
+        self.draft, self.augment = draft, augment
         self.answers = {a: i for i, a in enumerate(answers or [])}
+
+    def image(self, data: bytes, seed: int) -> tuple[torch.Tensor, int, int]:
+        t = decode_image(data, self.geometry, self.max_pixels, self.draft)
+        if self.augment is not None:
+            t = self.augment(t, seed)
+        p = self.geometry.patch
+        return patchify(t, p), t.shape[1] // p, t.shape[2] // p
 
     def __call__(self, raw: dict) -> dict:
         img = raw.get("jpg", raw.get("png", raw.get("jpeg")))
         if img is None:
             raise SkipSample("missing_image")
+        seed = int(raw.get("__seed__", 0))
         meta = {}
         if "json" in raw:
             try:
@@ -144,34 +249,36 @@ class SampleDecoder:
             out["text"] = decode_text(meta.get("sentence"), "missing_sentence")
             if "image2.jpg" not in raw:
                 raise SkipSample("missing_image")
-            out["pixels2"] = decode_image(raw["image2.jpg"], self.size, self.max_pixels)
+            out["image2"] = self.image(raw["image2.jpg"], seed + 1)
             out["label"] = int(bool(meta.get("label")))
         elif self.task == "snli_ve":
             out["text"] = decode_text(meta.get("hypothesis"), "missing_hypothesis")
             if meta.get("label") not in SNLI_LABELS:
                 raise SkipSample("bad_label")
             out["label"] = SNLI_LABELS[meta["label"]]
-        out["pixels"] = decode_image(img, self.size, self.max_pixels)
+        out["image"] = self.image(img, seed)
         return out
 
 
 class Collate:
-    """List of decoded samples -> batch; tokenises the whole batch in one fast-tokenizer call."""
+    """List of decoded samples -> batch; tokenises the whole batch in one fast-tokenizer call
+    and packs every image into ``max_patches`` patch slots."""
 
-    def __init__(self, tokenizer_name: str, max_len: int):
-        self.tokenizer_name, self.max_len = tokenizer_name, max_len
+    def __init__(self, tokenizer_name: str, max_len: int, max_patches: int):
+        self.tokenizer_name, self.max_len, self.max_patches = tokenizer_name, max_len, max_patches
 
     def __call__(self, samples: list[dict]) -> dict:
         tok = load_tokenizer(self.tokenizer_name)
         enc = tok([s["text"] for s in samples], padding="max_length", truncation=True, max_length=self.max_len,
                   return_tensors="pt")
-        batch = {"pixels": stack_shared([s["pixels"] for s in samples]),
-                 "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                  "keys": [s["key"] for s in samples], "qtype": [s["qtype"] for s in samples]}
+        for suffix in ("", "2"):
+            if f"image{suffix}" in samples[0]:
+                p, c, v = pack_patches([s[f"image{suffix}"] for s in samples], self.max_patches)
+                batch.update({f"patches{suffix}": p, f"patch_coord{suffix}": c, f"patch_valid{suffix}": v})
         if "image_id" in samples[0]:
             batch["image_ids"] = [s["image_id"] for s in samples]
-        if "pixels2" in samples[0]:
-            batch["pixels2"] = stack_shared([s["pixels2"] for s in samples])
         if "label" in samples[0]:
             lab = [s["label"] for s in samples]
             batch["labels"] = torch.stack(lab) if isinstance(lab[0], torch.Tensor) else torch.tensor(lab)

@@ -21,8 +21,8 @@ class CrossQK:
     """Per-head queries and keys of both modalities at the distilled block.
 
     Shapes: ``q_text``/``k_text`` [B, H, Nt, D], ``q_image``/``k_image`` [B, H, Ni, D];
-    ``text_mask`` [B, Nt] bool (True = real token), ``image_mask`` [B, Ni] bool or None
-    (all image tokens valid).
+    ``text_mask`` [B, Nt] bool (True = real token), ``image_mask`` [B, Ni] bool ([CLS] and
+    the valid patches; None = all image tokens valid).
     """
 
     q_text: torch.Tensor
@@ -31,13 +31,6 @@ class CrossQK:
     k_image: torch.Tensor
     text_mask: torch.Tensor
     image_mask: torch.Tensor | None = None
-
-    def index(self, text_idx: torch.Tensor, image_idx: torch.Tensor) -> "CrossQK":
-        """Re-pair texts and images (dual encoder only): row i uses text text_idx[i] and
-        image image_idx[i].  Used for the hard negatives of ITM pre-training."""
-        im = None if self.image_mask is None else self.image_mask[image_idx]
-        return CrossQK(self.q_text[text_idx], self.k_text[text_idx], self.q_image[image_idx],
-                       self.k_image[image_idx], self.text_mask[text_idx], im)
 
 
 @dataclass
@@ -140,15 +133,17 @@ def run_tapped(taps: list, wanted: set[int], fn):
 
 
 def joint_outputs(qks: dict, capture_layer: int | None, text_mask: torch.Tensor, layers: tuple[int, ...],
-                  hidden: list[torch.Tensor], mask: torch.Tensor) -> tuple[CrossQK | None, JointStates | None]:
+                  hidden: list[torch.Tensor], mask: torch.Tensor, image_mask: torch.Tensor
+                  ) -> tuple[CrossQK | None, JointStates | None]:
     """What a fusion model's pass over ``[text ; image]`` hands the losses: the CrossQK cut at
     ``capture_layer`` (None: not capturing) and the JointStates of ``layers`` (block outputs
-    ``hidden`` in the same order)."""
+    ``hidden`` in the same order).  ``mask`` covers the joint sequence, ``image_mask`` its
+    image part ([CLS] + patches)."""
     qk = states = None
     if capture_layer is not None:
         q, k = qks[capture_layer]
         nt = text_mask.shape[1]
-        qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], text_mask.bool())
+        qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], text_mask.bool(), image_mask.bool())
     if layers:
         states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers], hidden, mask)
     return qk, states

@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .fusion import FusionEncoder
+from .images import conv_to_linear
 from .student import DualEncoder, TowerShape
 
 WEIGHTS = "model.safetensors"
@@ -71,6 +72,8 @@ def load_pretrained(path: str | os.PathLike, tap_layer: int = -1, task: str | No
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if new_task == cfg["task"] and cfg.get("id2label"):
+        model.labels = [str(v) for _, v in sorted((int(k), v) for k, v in cfg["id2label"].items())]
     return model
 
 
@@ -92,28 +95,58 @@ def _vilt_block_map(src: dict, prefix: str, i: int) -> dict:
     }
 
 
-def _canonical_from_vilt(src: dict) -> dict:
+def resample_table(table: torch.Tensor, grid: tuple[int, int] | list[int]) -> torch.Tensor:
+    """A position table [1, H, W, C] resampled to ``grid`` the way the towers interpolate it
+    per image (bilinear, corners aligned), so a table keeps its meaning at another size."""
+    if tuple(table.shape[1:3]) == tuple(grid):
+        return table
+    x = F.interpolate(table.permute(0, 3, 1, 2).float(), size=tuple(grid), mode="bilinear", align_corners=True)
+    return x.permute(0, 2, 3, 1).to(table.dtype).contiguous()
+
+
+def _embeds_from_classic(patch_w, patch_b, cls_token, pos_embed, grid: tuple[int, int] | None = None) -> dict:
+    """A classic ViT/ViLT image embedding (conv patch weight [C, 3, P, P], [CLS], a
+    [1, 1 + H*W, C] position table whose row 0 belongs to [CLS]) -> NaFlexViT's ``embeds``
+    names: the conv as the equivalent Linear, the [CLS] position folded into the [CLS] token,
+    the table as [1, H, W, C] (square unless ``grid`` says otherwise)."""
+    c = pos_embed.shape[-1]
+    n = pos_embed.shape[1] - 1
+    gh, gw = grid or (int(round(n ** 0.5)),) * 2
+    if gh * gw != n:
+        raise ValueError(f"a position table of {n} patch positions is not a {gh}x{gw} grid")
+    return {"embeds.proj.weight": conv_to_linear(patch_w), "embeds.proj.bias": patch_b,
+            "embeds.cls_token": cls_token + pos_embed[:, :1], "embeds.pos_embed": pos_embed[:, 1:].reshape(1, gh, gw, c)}
+
+
+def _canonical_from_vilt(src: dict, vilt_grid: tuple[int, int]) -> dict:
     """A transformers ViLT state dict (any task class) in the project's fusion naming."""
     prefix = "vilt." if any(k.startswith("vilt.") for k in src) else ""
     e = prefix + "embeddings."
     depth = 1 + max(int(k.split(".")[2 + (prefix != "")]) for k in src if k.startswith(prefix + "encoder.layer."))
     out = {f"text_embeddings.{k[len(e + 'text_embeddings.'):]}": v for k, v in src.items()
            if k.startswith(e + "text_embeddings.") and "position_ids" not in k}
-    out.update({"vit.patch_embed.proj.weight": src[e + "patch_embeddings.projection.weight"],
-                "vit.patch_embed.proj.bias": src[e + "patch_embeddings.projection.bias"],
-                "vit.cls_token": src[e + "cls_token"], "vit.pos_embed": src[e + "position_embeddings"],
-                "token_type.weight": src[e + "token_type_embeddings.weight"],
+    emb = _embeds_from_classic(src[e + "patch_embeddings.projection.weight"], src[e + "patch_embeddings.projection.bias"],
+                               src[e + "cls_token"], src[e + "position_embeddings"], vilt_grid)
+    out.update({f"vit.{k}": v for k, v in emb.items()})
+    out.update({"token_type.weight": src[e + "token_type_embeddings.weight"],
                 "vit.norm.weight": src[prefix + "layernorm.weight"], "vit.norm.bias": src[prefix + "layernorm.bias"]})
+    if prefix + "pooler.dense.weight" in src:
+        out.update({"pooler.0.weight": src[prefix + "pooler.dense.weight"],
+                    "pooler.0.bias": src[prefix + "pooler.dense.bias"]})
     for i in range(depth):
         out.update({f"vit.blocks.{i}.{k}": v for k, v in _vilt_block_map(src, prefix, i).items()})
     return out
 
 
 def _student_from_fusion_state(fs: dict, student: DualEncoder) -> dict:
-    """Fusion-model weights (project naming) -> both student towers, as the paper does.
+    """Fusion-model weights (project naming) -> both student towers and their poolers, as the
+    paper does.
 
-    The modality-type embeddings are folded in: type 0 into the text token-type row 0,
-    type 1 into the image position embeddings (so the towers see what the fusion model saw).
+    The modality-type embeddings are folded in exactly: ViLT adds type 0 to the text
+    embeddings *after* their LayerNorm, so it goes into that LayerNorm's bias; type 1 is added
+    to every image token, so it goes into the [CLS] token and the position table (a
+    bilinear interpolation of table + v is the interpolated table + v).  A ViLT-initialised
+    tower's first block therefore sees what the fusion model's first block saw.
     """
     grid = [s // student.shape.patch_size for s in student.shape.image_size]
     out = {}
@@ -121,20 +154,21 @@ def _student_from_fusion_state(fs: dict, student: DualEncoder) -> dict:
     for k, v in fs.items():
         if k.startswith("text_embeddings."):
             v = v.clone()
-            if k.endswith("token_type_embeddings.weight"):
-                v[0] += tt[0]
+            if k.endswith("LayerNorm.bias"):
+                v += tt[0]
             out["text." + k.replace("text_embeddings.", "embeddings.", 1)] = v
-        elif k.startswith("vit.blocks."):
+        elif k.startswith("vit.blocks.") or k in ("vit.norm.weight", "vit.norm.bias"):
             out["image." + k] = v
             out["text." + k[len("vit."):]] = v
-        elif k in ("vit.norm.weight", "vit.norm.bias"):
+        elif k == "vit.embeds.pos_embed":
+            out["image.vit.embeds.pos_embed"] = resample_table(v, grid) + tt[1]
+        elif k == "vit.embeds.cls_token":
+            out["image.vit.embeds.cls_token"] = v + tt[1]
+        elif k.startswith("vit.embeds."):
             out["image." + k] = v
-            out["text." + k[len("vit."):]] = v
-        elif k == "vit.pos_embed":
-            pos = resample_abs_pos_embed(v, new_size=grid, num_prefix_tokens=1)
-            out["image.vit.pos_embed"] = pos + tt[1]
-        elif k.startswith("vit.patch_embed.") or k == "vit.cls_token":
-            out["image." + k] = v
+        elif k.startswith("pooler."):
+            out["image_" + k] = v
+            out["text_" + k] = v
     return out
 
 
@@ -144,9 +178,9 @@ def init_student(student: DualEncoder, spec: str) -> DualEncoder:
         return student
     kind, _, path = spec.partition(":")
     if kind == "vilt":
-        read_model_config(path, ("vilt",))
+        vcfg = read_model_config(path, ("vilt",))
         src = _read_any_weights(path)
-        sd = _student_from_fusion_state(_canonical_from_vilt(src), student)
+        sd = _student_from_fusion_state(_canonical_from_vilt(src, _vilt_grid(vcfg)), student)
     elif kind == "fusion":
         read_model_config(path, ("dide_fusion",))
         sd = _student_from_fusion_state(load_file(str(Path(path) / WEIGHTS)), student)
@@ -157,6 +191,11 @@ def init_student(student: DualEncoder, spec: str) -> DualEncoder:
         sd = _student_from_timm_bert(Path(path), student)
     else:
         raise ValueError(f"student.init={spec!r}: expected random, vilt:DIR, fusion:DIR, timm_bert:DIR or export:DIR")
+    own = student.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"student.init={spec!r}: weight shapes do not fit student.arch (checkpoint vs student): "
+                         f"{wrong[:4]}")
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if unexpected:
         raise ValueError(f"student.init={spec!r}: weights not in the student: {unexpected[:5]}")
@@ -165,6 +204,14 @@ def init_student(student: DualEncoder, spec: str) -> DualEncoder:
         raise ValueError(f"student.init={spec!r}: tower weights missing: {towers[:5]} "
                          "(is the checkpoint deeper/shallower than student.arch.depth?)")
     return student
+
+
+def _vilt_grid(vcfg: dict) -> tuple[int, int]:
+    """The patch grid of a ViLT config.json's position table (image_size / patch_size)."""
+    def pair(v):
+        return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+    (ih, iw), (ph, pw) = pair(vcfg.get("image_size", 384)), pair(vcfg.get("patch_size", 32))
+    return ih // ph, iw // pw
 
 
 def _read_any_weights(path: str) -> dict:
@@ -182,12 +229,13 @@ def _student_from_timm_bert(root: Path, student: DualEncoder) -> dict:
     vit = load_file(str(root / "vit" / WEIGHTS))
     grid = [s // student.shape.patch_size for s in student.shape.image_size]
     out = {}
+    emb = _embeds_from_classic(vit["patch_embed.proj.weight"], vit["patch_embed.proj.bias"], vit["cls_token"],
+                               vit["pos_embed"])
+    emb["embeds.pos_embed"] = resample_table(emb["embeds.pos_embed"], grid)
+    out.update({f"image.vit.{k}": v for k, v in emb.items()})
     for k, v in vit.items():
-        if k.startswith("head"):
-            continue
-        if k == "pos_embed":
-            v = resample_abs_pos_embed(v, new_size=grid, num_prefix_tokens=1)
-        out["image.vit." + k] = v
+        if k.startswith(("blocks.", "norm.")):
+            out["image.vit." + k] = v
     read_model_config(root / "bert", ("bert",))
     bert = _read_any_weights(str(root / "bert"))
     pre = "bert." if any(k.startswith("bert.") for k in bert) else ""
@@ -220,9 +268,11 @@ def _student_from_timm_bert(root: Path, student: DualEncoder) -> dict:
 
 def build_student(cfg) -> nn.Module:
     """The trained model: the dual encoder, or a fusion model (student.kind=fusion)."""
+    from ..labels import student_labels
     shape = TowerShape.from_arch(cfg.student.arch)
     if cfg.student.kind == "fusion":
         model = FusionEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
+        model.labels = student_labels(cfg)
         if cfg.loss.token_nce > 0:
             n_pairs = len(cfg.loss.layer_map) or shape.depth
             model.add_distill_projections(n_pairs, teacher_width(cfg))
@@ -238,8 +288,9 @@ def build_student(cfg) -> nn.Module:
         if cfg.student.grad_checkpointing:
             model.set_grad_checkpointing(True)
         return model
-    student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
+    student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer, cfg.loss.itc_temperature)
     student.negatives_across_ranks = cfg.loss.itm_negatives == "global"
+    student.labels = student_labels(cfg)
     init_student(student, cfg.student.init)
     if cfg.student.grad_checkpointing:
         student.set_grad_checkpointing(True)
@@ -276,11 +327,9 @@ def teacher_width(cfg) -> int:
 def check_pairing(teacher: nn.Module, cfg) -> None:
     """Fail early when the teacher's tokens or attention cannot be mapped onto the student's.
 
-    Visual tokens: a transformers ViLT teacher takes any multiple of its patch size, so it
-    gets the student's patch grid at its own patch size (the task resamples the pixels); the
-    project's fusion teacher has a fixed position table, so its grid must equal the student's.
-    """
-    from ..config import patch_alignment
+    Visual tokens: every model takes the student's patch grid of each image (a teacher with
+    another patch size gets each patch resampled to its own size, see ``DistillTask``), and
+    interpolates its position table to that grid, so only square patches are required."""
     from .attention import resolve_layer_map
     s = cfg.student.arch
     t_heads = teacher.num_heads
@@ -288,10 +337,6 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
     if not isinstance(t_patch, int):
         raise ValueError(f"the teacher has non-square patches {t_patch}: the student's square patches cannot "
                          "line up with them")
-    if isinstance(teacher, FusionEncoder):
-        problem = patch_alignment(teacher.shape.image_size, t_patch, s.image_size, s.patch_size)
-        if problem:
-            raise ValueError(problem.replace("teacher.arch.", f"the teacher at teacher.path={cfg.teacher.path}: "))
     if cfg.loss.attn_t2i > 0 or cfg.loss.attn_i2t > 0 or cfg.loss.attn_mse > 0:
         if cfg.loss.head_map == "per_head" and t_heads != s.heads:
             raise ValueError(f"teacher has {t_heads} heads, student.arch.heads={s.heads}: "

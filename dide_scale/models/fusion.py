@@ -1,20 +1,21 @@
 """The project's own fusion-encoder teacher: one transformer over ``[text ; image]``
 (ViLT: BERT embeddings + ViT patch embeddings + a modality-type embedding, pre-LN blocks).
 
-Built from timm's VisionTransformer (patch embedding, position embedding, blocks) and
-transformers' BertEmbeddings, so a ViLT checkpoint maps onto it name by name.
+Built from timm's NaFlexViT (linear patch embedding over patch sequences, a position
+table interpolated to each image's grid as ViLT does, pre-LN blocks) and transformers'
+BertEmbeddings, so a ViLT checkpoint maps onto it name by name.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import QKTap, additive_mask, joint_outputs, resolve_layer, run_tapped
-from .student import Normalize, StudentOutput, TowerShape, bert_embeddings, mlp_head
+from .images import Images, Normalize
+from .student import StudentOutput, TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
 
 
 class FusionEncoder(nn.Module):
@@ -35,6 +36,7 @@ class FusionEncoder(nn.Module):
     def __init__(self, shape: TowerShape, task: str, num_classes: int, tap_layer: int = -1):
         super().__init__()
         self.shape, self.task, self.num_classes = shape, task, num_classes
+        self.labels: list[str] | None = None  # output names of the head, in order (exported as id2label)
         h = shape.width
         self.normalize = Normalize()
         self.text_embeddings = bert_embeddings(shape)
@@ -42,10 +44,8 @@ class FusionEncoder(nn.Module):
         # std 0.02 as ViLT/BERT: at nn.Embedding's std 1 the modality vector swamps the
         # patch content in every image token and training stalls on a long plateau
         nn.init.trunc_normal_(self.token_type.weight, std=0.02)
-        self.vit = VisionTransformer(
-            img_size=tuple(shape.image_size), patch_size=shape.patch_size, embed_dim=h, depth=shape.depth,
-            num_heads=shape.heads, mlp_ratio=shape.mlp_ratio, num_classes=0, dynamic_img_size=True)
-        self.pooler = nn.Sequential(nn.Linear(h, h), nn.Tanh())
+        self.vit = naflex_vit(shape)  # its embeds, blocks and final norm; our own joint forward
+        self.pooler = pooler(h)
         if task == "itm":
             self.head = nn.Linear(h, 2)
         elif task == "nlvr2":
@@ -55,6 +55,7 @@ class FusionEncoder(nn.Module):
         self.tap_layer = resolve_layer(tap_layer, shape.depth, "loss.teacher_layer")
         self.taps = [QKTap(blk.attn.qkv, shape.heads) for blk in self.vit.blocks]  # idle unless enabled
         self.distill_proj: nn.ModuleList | None = None
+        self.grad_checkpointing = False
 
     @property
     def num_heads(self) -> int:
@@ -72,6 +73,12 @@ class FusionEncoder(nn.Module):
     def patch_size(self) -> int:
         return self.shape.patch_size
 
+    @property
+    def mlp_ratio(self) -> float:
+        return self.shape.mlp_ratio
+
+    itm_form = "pair"  # a 2-way ITM head: per-pair soft labels
+
     def add_distill_projections(self, n: int, teacher_width: int) -> None:
         """Linear maps of the student's block outputs to the teacher's width (token NCE), one
         per mapped block pair.  Trained with the student, dropped from exports."""
@@ -81,17 +88,17 @@ class FusionEncoder(nn.Module):
     training_only = ("distill_proj.",)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vit.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
 
-    def embed_image(self, pixels: torch.Tensor, type_id: int) -> torch.Tensor:
-        x = self.vit._pos_embed(self.vit.patch_embed(self.normalize(pixels)))  # [CLS] + patches
-        return x + self.token_type.weight[type_id]
+    def embed_image(self, images: Images, type_id: int) -> torch.Tensor:
+        x, _ = self.vit.embeds(self.normalize(images.patches), patch_coord=images.coord, patch_valid=images.valid)
+        return x + self.token_type.weight[type_id]  # [CLS] + patches
 
     def _run_blocks(self, x, add, layers: tuple[int, ...]):
         """The blocks over the joint sequence: (output, {block: its output} for ``layers``)."""
         hidden = {}
         for i, blk in enumerate(self.vit.blocks):
-            if self.vit.grad_checkpointing and self.training:
+            if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, add, use_reentrant=False)
             else:
                 x = blk(x, attn_mask=add)
@@ -99,14 +106,13 @@ class FusionEncoder(nn.Module):
                 hidden[i] = x
         return x, hidden
 
-    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
+    def joint(self, images: Images, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
               layers: tuple[int, ...] = ()):
         """(pooled state, CrossQK or None, JointStates or None) of one (text, image) pass."""
         text = self.text_embeddings(input_ids=input_ids) + self.token_type.weight[0]
-        image = self.embed_image(pixels, type_id)
+        image = self.embed_image(images, type_id)
         x = torch.cat([text, image], dim=1)
-        mask = torch.cat([attention_mask.bool(),
-                          torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
+        mask = torch.cat([attention_mask.bool(), images.token_mask()], dim=1)
         add = additive_mask(mask, x.dtype)
         (x, hidden), qks = run_tapped(self.taps, set(layers) | ({self.tap_layer} if capture else set()),
                                       lambda: self._run_blocks(x, add, layers))
@@ -117,54 +123,62 @@ class FusionEncoder(nn.Module):
                 raise ValueError(f"{len(layers)} mapped blocks but {len(self.distill_proj)} distillation "
                                  "projections (loss.layer_map changed since the model was built?)")
             h = [proj(v) for proj, v in zip(self.distill_proj, h)]
-        return (pooled, *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, h, mask))
+        return (pooled, *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, h, mask,
+                                       images.token_mask()))
 
-    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
-                itc: bool = False, layers: tuple[int, ...] = ()) -> StudentOutput:
+    def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
+                capture: bool = False, itc: bool = False, layers: tuple[int, ...] = (),
+                generator: torch.Generator | None = None) -> StudentOutput:
         if itc:
             raise ValueError("a fusion model has no separate embeddings for a contrastive loss")
         rows = None
         if self.task == "itm" and self.training:
-            t_idx, i_idx = random_negative_rows(input_ids.shape[0], input_ids.device)
-            pixels, input_ids, attention_mask = pixels[i_idx], input_ids[t_idx], attention_mask[t_idx]
-            rows = {"pixels": pixels, "input_ids": input_ids, "attention_mask": attention_mask}
-        pooled, out = joint_passes(self.joint, pixels, input_ids, attention_mask, pixels2, capture, layers,
+            t_idx, i_idx = random_negative_rows(input_ids.shape[0], input_ids.device, generator)
+            images, input_ids, attention_mask = images[i_idx], input_ids[t_idx], attention_mask[t_idx]
+            rows = {"images": images, "input_ids": input_ids, "attention_mask": attention_mask}
+        pooled, out = joint_passes(self.joint, images, input_ids, attention_mask, images2, capture, layers,
                                    self.task == "nlvr2")
         out.rows = rows
         out.logits = self.head(pooled)
         return out
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [*self.pooler.parameters(), *self.head.parameters()]
+        """The task head only (optim.head_lr_mult), as ViLT's lr_mult."""
+        return list(self.head.parameters())
 
     def export_config(self) -> dict:
-        return {"model_type": "dide_fusion", "task": self.task, "num_classes": self.num_classes,
-                "shape": asdict(self.shape)}
+        cfg = {"model_type": "dide_fusion", "task": self.task, "num_classes": self.num_classes,
+               "shape": asdict(self.shape)}
+        if self.labels:  # the head's output names, in transformers' convention
+            cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
+        return cfg
 
 
-def joint_passes(joint, pixels, input_ids, attention_mask, pixels2, capture: bool, layers: tuple[int, ...],
-                 nlvr2: bool) -> tuple[torch.Tensor, StudentOutput]:
+def joint_passes(joint, images: Images, input_ids, attention_mask, images2: Images | None, capture: bool,
+                 layers: tuple[int, ...], nlvr2: bool) -> tuple[torch.Tensor, StudentOutput]:
     """One ``joint`` pass (two for NLVR2: the text with each image, image token types 1 and 2)
     of a fusion model: (pooled state, the two concatenated for NLVR2; a StudentOutput holding
     every pass's CrossQK / JointStates, logits still to fill)."""
-    pooled, qk, states = joint(pixels, input_ids, attention_mask, 1, capture, layers)
+    pooled, qk, states = joint(images, input_ids, attention_mask, 1, capture, layers)
     out = StudentOutput(None, [qk] if capture else [], states=[states] if layers else [])
     if nlvr2:
-        if pixels2 is None:
+        if images2 is None:
             raise ValueError("nlvr2 needs two images")
-        pooled2, qk2, states2 = joint(pixels2, input_ids, attention_mask, 2, capture, layers)
+        pooled2, qk2, states2 = joint(images2, input_ids, attention_mask, 2, capture, layers)
         out.qk += [qk2] if capture else []
         out.states += [states2] if layers else []
         pooled = torch.cat([pooled, pooled2], -1)
     return pooled, out
 
 
-def random_negative_rows(b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def random_negative_rows(b: int, device, generator: torch.Generator | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(text_idx, image_idx) [3B]: B positives, B (text, another image), B (another text, image);
-    "another" is uniform over the rest of the micro-batch (global torch RNG, checkpointed)."""
+    "another" is uniform over the rest of the micro-batch, drawn from ``generator`` (a CPU
+    generator; the global one when None)."""
     if b < 2:
         raise ValueError("ITM negatives need a micro-batch of at least 2 pairs")
     ar = torch.arange(b, device=device)
-    other_img = (ar + torch.randint(1, b, (b,)).to(device)) % b
-    other_txt = (ar + torch.randint(1, b, (b,)).to(device)) % b
+    other_img = (ar + torch.randint(1, b, (b,), generator=generator).to(device)) % b
+    other_txt = (ar + torch.randint(1, b, (b,), generator=generator).to(device)) % b
     return torch.cat([ar, ar, other_txt]), torch.cat([ar, other_img, ar])

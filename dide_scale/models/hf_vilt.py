@@ -3,25 +3,29 @@
 :class:`HFViltTeacher` has the call interface of the project's own
 :class:`~dide_scale.models.fusion.FusionEncoder`::
 
-    out = teacher(pixels, input_ids, attention_mask, pixels2=None, capture=False, layers=())
+    out = teacher(images, input_ids, attention_mask, images2=None, capture=False, layers=())
     out.logits, out.qk, out.states   # a StudentOutput
 
-``pixels`` are in [0, 1] ([B, 3, H, W]); the adapter applies the checkpoint's own image
-normalisation (``preprocessor_config.json``'s ``image_mean``/``image_std``, else ViLT's
-0.5/0.5).  ``out.qk`` holds one :class:`CrossQK` per image pass (two for NLVR2) when
+``images`` is an :class:`~dide_scale.models.images.Images` batch (patch sequences with
+pixels in [0, 1], their grid coordinates and validity); the adapter applies the
+checkpoint's own image normalisation (``preprocessor_config.json``'s
+``image_mean``/``image_std``, else ViLT's 0.5/0.5).  ``out.qk`` holds one :class:`CrossQK` per image pass (two for NLVR2) when
 ``capture`` is set, else it is empty; ``out.states`` one :class:`JointStates` per image
 pass for the blocks in ``layers`` (queries/keys from hooks, block outputs from
 ``output_hidden_states``), for layer-to-layer distillation into a small fusion student.
 
-Patch order.  ``ViltEmbeddings.visual_embed`` shuffles the patches with
-``torch.multinomial`` whenever every patch is valid (and keeps a random subset when
+Image embedding.  ``ViltEmbeddings.visual_embed`` takes a padded pixel batch, interpolates
+its position table to each image's valid grid (bilinear, ``align_corners=True``), and then
+shuffles the patches with ``torch.multinomial`` (a random subset when
 ``config.max_image_length`` is smaller than the patch count).  Attention distillation needs
-the teacher's image tokens in the raster order the student uses, so this adapter builds the
-image embeddings itself, deterministically and with *all* patches ([CLS] first, then patches
-row by row, the position table interpolated bilinearly with ``align_corners=True`` to the
-patch grid exactly as ``visual_embed`` does) and hands them to ``ViltModel`` through
-``image_embeds=`` with an all-ones ``pixel_mask``.  ``config.max_image_length`` is therefore
-ignored (fine-tuned ViLT checkpoints use -1 = all patches anyway).
+the teacher's image tokens in the order the student uses, so this adapter embeds the
+patch sequence itself: the patch Conv2d applied as the equivalent Linear, the position
+table interpolated to each image's grid the same way (sampled at the patch coordinates),
+[CLS] first, and hands the result to ``ViltModel`` through ``image_embeds=`` with the
+patches' validity as ``pixel_mask``.  Padded patches are masked out of every attention, so
+the logits equal transformers' own on the same image (the order of the valid tokens does
+not matter to a transformer without positions in its blocks).  ``config.max_image_length``
+is ignored (fine-tuned ViLT checkpoints use -1 = all patches anyway).
 
 Task heads (``task``):
 
@@ -30,12 +34,16 @@ Task heads (``task``):
   SNLI-VE head has the VQA head's shape); logits [B, 3].
 - ``'nlvr2'``: ``ViltForImagesAndTextClassification`` with ``num_images=2``; the text runs
   once with each image (image token type 1 and 2, as transformers does); logits [B, 2].
-- ``'itm'``: ``ViltForImageAndTextRetrieval``.  Its ``rank_output`` gives one score ``s``
-  per pair (in original ViLT it is the "match" row of the 2-way ITM head).  The adapter
-  exposes 2-class logits ``[-s/2, s/2]`` (class 0 = no match, class 1 = match, as the
-  project's ITM labels): softmax over them gives ``P(match) = sigmoid(s)``, i.e. ``s`` is
-  treated as the match log-odds.  A checkpoint without that head (a plain ``ViltModel`` or
-  ``ViltForMaskedLM``) is refused rather than given a random head.
+- ``'itm'``: ``ViltForImageAndTextRetrieval``.  Its ``rank_output`` gives one ranking score
+  per pair, trained with a softmax over each query's candidates, so a constant shift means
+  nothing and it is no per-pair probability.  The adapter returns it as logits [B, 1] and
+  sets ``itm_form = 'rank'``: the ITM soft-label loss then compares distributions over each
+  anchor's candidates (``losses.itm_listwise_kl``).  A checkpoint without that head (a plain
+  ``ViltModel`` or ``ViltForMaskedLM``) is refused rather than given a random head.
+
+Label names: ``id2label`` holds the names of the classifier's outputs in its own order
+(read by ``dide_scale.labels``, which reorders the teacher's logits into the student's
+label space by name).
 """
 from __future__ import annotations
 
@@ -49,7 +57,8 @@ from torch import nn
 
 from .attention import joint_outputs, resolve_layer, run_tapped
 from .fusion import joint_passes
-from .student import VILT_MEAN, VILT_STD, Normalize, StudentOutput
+from .images import VILT_MEAN, VILT_STD, Images, Normalize, conv_to_linear, sample_positions
+from .student import StudentOutput
 
 TASK_CLASSES = {
     "itm": "ViltForImageAndTextRetrieval",
@@ -127,12 +136,15 @@ class HFViltTeacher(nn.Module):
         self.num_heads = int(cfg.num_attention_heads)
         self.width = int(cfg.hidden_size)
         self.depth = int(cfg.num_hidden_layers)
+        self.mlp_ratio = int(cfg.intermediate_size) / self.width
         patch = _pair(cfg.patch_size)
         self.patch_size = patch[0] if patch[0] == patch[1] else patch
         self.image_size = list(_pair(cfg.image_size))
         self.vocab_size = int(cfg.vocab_size)
         self.max_text_len = int(cfg.max_position_embeddings)
-        self.num_classes = 2 if task == "itm" else int(cfg.num_labels)
+        self.num_classes = 1 if task == "itm" else int(cfg.num_labels)
+        self.itm_form = "rank" if task == "itm" else None
+        self.id2label = None if task == "itm" else {int(k): str(v) for k, v in cfg.id2label.items()}
         self.tap_layer = resolve_layer(tap_layer, self.depth, "loss.teacher_layer")
         self._taps = [_QKCapture(layer.attention.attention.query, layer.attention.attention.key, self.num_heads)
                       for layer in self.vilt.encoder.layer]  # idle unless enabled
@@ -203,53 +215,78 @@ class HFViltTeacher(nn.Module):
         return self.model.vilt
 
     # -- forward -------------------------------------------------------------------------
-    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[CLS] + all patches in raster order, with (interpolated) position embeddings:
-        ``visual_embed`` without its random patch permutation/subsampling.  [B, 1+N, C];
-        the modality-type embedding is added later by ``ViltEmbeddings.forward``."""
+    def embed_image(self, images: Images) -> torch.Tensor:
+        """[CLS] + the patch sequence with interpolated position embeddings [B, 1+N, C]:
+        ``visual_embed`` without its padding canvas and random patch order; the modality-type
+        embedding is added later by ``ViltEmbeddings.forward``."""
         emb = self.vilt.embeddings
         pe = emb.patch_embeddings
-        h, w = pixels.shape[-2:]
-        if h % pe.patch_size[0] or w % pe.patch_size[1]:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the teacher's patch size "
-                             f"{tuple(pe.patch_size)}")
-        x = pe(self.normalize(pixels))  # [B, C, gh, gw]
-        b, c, gh, gw = x.shape
-        grid = (pe.image_size[0] // pe.patch_size[0], pe.image_size[1] // pe.patch_size[1])
+        if images.patch_size != pe.patch_size[0] or pe.patch_size[0] != pe.patch_size[1]:
+            raise ValueError(f"patches of {images.patch_size} px but the teacher's patch size is "
+                             f"{tuple(pe.patch_size)}; resample them first (models.images.resample_patches)")
+        proj = pe.projection
+        x = F.linear(self.normalize(images.patches), conv_to_linear(proj.weight), proj.bias)  # [B, N, C]
         table = emb.position_embeddings
+        c = table.shape[-1]
+        grid = (pe.image_size[0] // pe.patch_size[0], pe.image_size[1] // pe.patch_size[1])
         spatial = table[:, 1:, :].transpose(1, 2).reshape(1, c, grid[0], grid[1])
-        pos = F.interpolate(spatial, size=(gh, gw), mode="bilinear", align_corners=True)
-        x = x.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
-        cls_tok = (emb.cls_token + table[:, :1, :]).expand(b, -1, -1)
+        x = x + sample_positions(spatial, images.coord).to(x.dtype)
+        cls_tok = (emb.cls_token + table[:, :1, :]).expand(x.shape[0], -1, -1)
         return emb.dropout(torch.cat([cls_tok.to(x.dtype), x], dim=1))
 
-    def joint(self, pixels, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
+    def joint(self, images: Images, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
               layers: tuple[int, ...] = ()):
         """(pooled output, CrossQK or None, JointStates or None) of one (text, image) pass."""
         nt = input_ids.shape[1]
         if nt > self.max_text_len:
             raise ValueError(f"text has {nt} tokens but the ViLT teacher has only {self.max_text_len} "
                              f"text positions (max_position_embeddings); truncate to {self.max_text_len}")
-        image = self.embed_image(pixels)
-        pixel_mask = torch.ones(image.shape[0], 1, image.shape[1], dtype=torch.long, device=image.device)
+        image = self.embed_image(images)
+        image_mask = images.token_mask()
+        pixel_mask = image_mask.long()[:, None, :]  # with image_embeds, ViLT reads pixel_mask.flatten(1)
         out, qks = run_tapped(self._taps, set(layers) | ({self.tap_layer} if capture else set()), lambda: self.vilt(
             input_ids=input_ids, attention_mask=attention_mask.long(), image_embeds=image, pixel_mask=pixel_mask,
             image_token_type_idx=type_id, return_dict=True, output_hidden_states=bool(layers)))
-        mask = torch.cat([attention_mask.bool(), pixel_mask[:, 0].bool()], dim=1)
+        mask = torch.cat([attention_mask.bool(), image_mask], dim=1)
         hidden = [out.hidden_states[i + 1] for i in layers]  # [0] is the embeddings
         return (out.pooler_output,
-                *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, hidden, mask))
+                *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, hidden, mask,
+                               image_mask))
 
-    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
-                layers: tuple[int, ...] = ()) -> StudentOutput:
-        pooled, out = joint_passes(self.joint, pixels, input_ids, attention_mask, pixels2, capture, layers,
+    def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
+                capture: bool = False, layers: tuple[int, ...] = ()) -> StudentOutput:
+        pooled, out = joint_passes(self.joint, images, input_ids, attention_mask, images2, capture, layers,
                                    self.task == "nlvr2")
         if self.task == "itm":
-            s = self.model.rank_output(pooled)  # [B, 1]: the "match" logit
-            out.logits = torch.cat([-0.5 * s, 0.5 * s], dim=-1)
+            out.logits = self.model.rank_output(pooled)  # [B, 1]: a ranking score (see the module doc)
         else:  # VQA / SNLI-VE head, or NLVR2's over the two concatenated pooled states
             out.logits = self.model.classifier(pooled)
         return out
+
+
+def preprocessing_differences(path: str | os.PathLike, data) -> list[str]:
+    """How a checkpoint's ``preprocessor_config.json`` (transformers' ViltImageProcessor) sizes
+    images differently from the run's ``data.image_*`` settings; empty when they agree or the
+    checkpoint ships none.  The teacher still runs (a student may be distilled at another
+    resolution), but it then sees images unlike those it was trained on."""
+    pre = Path(path) / "preprocessor_config.json"
+    if not pre.is_file():
+        return []
+    p = _read_json(pre)
+    out = []
+    size = p.get("size", 384)
+    shorter = int(size.get("shortest_edge", 384) if isinstance(size, dict) else size)
+    longer = int(1333 / 800 * shorter)  # the processor's own rule
+    if data.image_resize != "vilt":
+        out.append(f"data.image_resize={data.image_resize!r}, the processor keeps the aspect ratio ('vilt')")
+    if (data.image_shorter, data.image_longer) != (shorter, longer):
+        out.append(f"data.image_shorter/image_longer = {data.image_shorter}/{data.image_longer}, the processor's "
+                   f"{shorter}/{longer} (shortest_edge={shorter})")
+    if int(p.get("resample", 3)) != 3:
+        out.append(f"the processor resamples with PIL mode {p.get('resample')}, the data path with bicubic (3)")
+    if data.jpeg_draft:
+        out.append("data.jpeg_draft=true decodes JPEGs at a reduced scale; the processor decodes them in full")
+    return out
 
 
 def _three(v, name: str, path: Path) -> list[float]:

@@ -5,11 +5,13 @@ Plain ``nn.Module``s: no parallelism API is imported here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
@@ -17,6 +19,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from ..losses import contrastive, gather_rows, mine_hard_negatives
 from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
+from .images import Images, Normalize
 
 
 @dataclass
@@ -28,7 +31,7 @@ class TowerShape:
     heads: int = 12
     mlp_ratio: float = 4.0
     patch_size: int = 32
-    image_size: list[int] = field(default_factory=lambda: [384, 640])
+    image_size: list[int] = field(default_factory=lambda: [384, 384])  # what the position table covers
     max_text_len: int = 40
     vocab_size: int = 30522
     drop_path: float = 0.0
@@ -36,24 +39,6 @@ class TowerShape:
     @classmethod
     def from_arch(cls, arch) -> "TowerShape":
         return cls(**{k: getattr(arch, k) for k in cls.__dataclass_fields__})
-
-
-# ViLT's normalisation (ViltImageProcessor): mean = std = 0.5.
-VILT_MEAN = (0.5, 0.5, 0.5)
-VILT_STD = (0.5, 0.5, 0.5)
-
-
-class Normalize(nn.Module):
-    """Pixels in [0, 1] -> the model's own normalisation (kept in the model, so a teacher
-    and a student with different conventions can share one decoded batch)."""
-
-    def __init__(self, mean=VILT_MEAN, std=VILT_STD):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
 
 
 def bert_embeddings(shape: TowerShape) -> BertEmbeddings:
@@ -65,6 +50,25 @@ def bert_embeddings(shape: TowerShape) -> BertEmbeddings:
     for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
         nn.init.normal_(table.weight, std=0.02)
     return emb
+
+
+def pooler(width: int) -> nn.Sequential:
+    """Linear + tanh on token 0 (ViLT's and DiDE's pooler)."""
+    return nn.Sequential(nn.Linear(width, width), nn.Tanh())
+
+
+def naflex_vit(shape: TowerShape, drop_path: float = 0.0) -> NaFlexVit:
+    """timm's NaFlexViT over patch sequences, set up as ViLT embeds images: a linear patch
+    embedding, a [CLS] token, and a learned position table over ``shape.image_size`` that is
+    interpolated to each image's own grid (bilinear, corners aligned, sampled at the patch
+    coordinates so shapes stay static).  Pre-LN timm ``Block``s, final LayerNorm."""
+    grid = (shape.image_size[0] // shape.patch_size, shape.image_size[1] // shape.patch_size)
+    cfg = NaFlexVitCfg(
+        patch_size=shape.patch_size, embed_dim=shape.width, depth=shape.depth, num_heads=shape.heads,
+        mlp_ratio=shape.mlp_ratio, class_token=True, global_pool="token", pos_embed_grid_size=grid,
+        pos_embed_interp_mode="bilinear", pos_embed_align_corners=True, pos_embed_antialias=False,
+        pos_embed_use_grid_sample=True, use_key_only_attn_mask=True, drop_path_rate=drop_path)
+    return NaFlexVit(cfg, num_classes=0)
 
 
 def mlp_head(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
@@ -97,31 +101,35 @@ def cls_only_block(blk: Block, x: torch.Tensor, attn_mask: torch.Tensor | None =
 
 
 class ImageTower(nn.Module):
-    """timm VisionTransformer over the patches; returns all token states ([CLS] first)."""
+    """timm NaFlexViT over each image's valid patches; returns all token states ([CLS] first)."""
 
     def __init__(self, shape: TowerShape, tap_layer: int = -1):
         super().__init__()
         self.normalize = Normalize()
-        self.vit = VisionTransformer(
-            img_size=tuple(shape.image_size), patch_size=shape.patch_size, embed_dim=shape.width,
-            depth=shape.depth, num_heads=shape.heads, mlp_ratio=shape.mlp_ratio, num_classes=0,
-            drop_path_rate=shape.drop_path, dynamic_img_size=True)
+        self.vit = naflex_vit(shape, shape.drop_path)
         layer = resolve_layer(tap_layer, shape.depth, "loss.student_layer")
         self.tap = QKTap(self.vit.blocks[layer].attn.qkv, shape.heads)
+        self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vit.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
 
-    def forward(self, pixels: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
-        """All token states [B, 1+N, C]; with ``cls_only`` just the [CLS] state [B, 1, C]
-        (the last block computes nothing else)."""
-        if not cls_only:
-            return self.vit.forward_features(self.normalize(pixels))
+    def forward(self, images: Images, cls_only: bool = False) -> torch.Tensor:
+        """All token states [B, 1+N, C] (padded patches attend to nothing and are attended by
+        nothing that matters); with ``cls_only`` just the [CLS] state [B, 1, C] (the last block
+        computes nothing else)."""
         v = self.vit
-        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(self.normalize(pixels)))))
-        for blk in v.blocks[:-1]:
-            x = blk(x)
-        return v.norm(cls_only_block(v.blocks[-1], x))
+        x, _ = v.embeds(self.normalize(images.patches), patch_coord=images.coord, patch_valid=images.valid)
+        x = v.norm_pre(x)
+        mask = additive_mask(images.token_mask(), x.dtype)
+        for blk in v.blocks[:-1] if cls_only else v.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=mask)
+        if cls_only:
+            x = cls_only_block(v.blocks[-1], x, mask)
+        return v.norm(x)
 
 
 class TextTower(nn.Module):
@@ -161,13 +169,13 @@ class TextTower(nn.Module):
 class StudentOutput:
     """What a model call returns (students, and the teachers in the same shape):
     ``logits``; ``qk`` one CrossQK per image pass when capturing; ``rows`` for ITM: the
-    inputs of every scored (text, image) row (``pixels``, ``input_ids``, ``attention_mask``;
+    inputs of every scored (text, image) row (``images``, ``input_ids``, ``attention_mask``;
     negatives may come from other ranks), which the teacher scores too; ``itc_loss``;
     ``states`` one JointStates per image pass of a fusion model asked for ``layers``."""
 
     logits: torch.Tensor | None
     qk: list[CrossQK]
-    rows: dict[str, torch.Tensor] | None = None
+    rows: dict | None = None
     itc_loss: torch.Tensor | None = None
     states: list[JointStates] = field(default_factory=list)
 
@@ -175,16 +183,21 @@ class StudentOutput:
 class DualEncoder(nn.Module):
     """The DiDE student.
 
-    ``encode_image`` / ``encode_text`` run one tower each (cacheable); ``fuse`` is the only
-    place the modalities meet; ``classify`` applies the task head.
+    ``encode_image`` / ``encode_text`` run one tower each (cacheable); ``pool_image`` /
+    ``pool_text`` are each tower's pooler (Linear + tanh on [CLS], as ViLT and DiDE);
+    ``fuse`` is the only place the modalities meet; ``classify`` applies the task head.
     """
 
-    def __init__(self, shape: TowerShape, task: str, num_classes: int, tap_layer: int = -1):
+    def __init__(self, shape: TowerShape, task: str, num_classes: int, tap_layer: int = -1,
+                 itc_temperature: float = 0.07):
         super().__init__()
         self.shape, self.task, self.num_classes = shape, task, num_classes
+        self.labels: list[str] | None = None  # output names of the head, in order (exported as id2label)
         h = shape.width
         self.image = ImageTower(shape, tap_layer)
         self.text = TextTower(shape, tap_layer)
+        self.image_pooler = pooler(h)
+        self.text_pooler = pooler(h)
         self.fusion = mlp_head(2 * h, 2 * h, h)
         if task == "itm":
             self.head = nn.Linear(h, 2)
@@ -195,7 +208,8 @@ class DualEncoder(nn.Module):
         # contrastive projections (pre-training ITC and hard-negative mining)
         self.itc_image = nn.Linear(h, h)
         self.itc_text = nn.Linear(h, h)
-        self.logit_scale = nn.Parameter(torch.full((1,), 2.659))  # log(1/0.07); 1-d: DeepSpeed broadcasts bytes views
+        # log(1 / loss.itc_temperature); 1-d: DeepSpeed broadcasts bytes views
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / itc_temperature)))
         self.negatives_across_ranks = True  # ITM hard negatives from every rank's micro-batch (loss.itm_negatives)
 
     # -- towers --------------------------------------------------------------------------
@@ -206,62 +220,67 @@ class DualEncoder(nn.Module):
     def set_capture(self, enable: bool) -> None:
         self.image.tap.enabled = self.text.tap.enabled = enable
 
-    def encode_image(self, pixels: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
-        return self.image(pixels, cls_only)
+    def encode_image(self, images: Images, cls_only: bool = False) -> torch.Tensor:
+        return self.image(images, cls_only)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
         return self.text(input_ids, attention_mask, cls_only)
 
-    def take_qk(self, text_mask: torch.Tensor) -> CrossQK:
+    def pool_image(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] token states (or [B, 1, C]) -> the pooled image vector [B, C]."""
+        return self.image_pooler(states[:, 0])
+
+    def pool_text(self, states: torch.Tensor) -> torch.Tensor:
+        return self.text_pooler(states[:, 0])
+
+    def take_qk(self, text_mask: torch.Tensor, images: Images) -> CrossQK:
         """Queries/keys captured at the tapped block by the last encode_text/encode_image."""
         q_t, k_t = self.text.tap.take()
         q_i, k_i = self.image.tap.take()
-        return CrossQK(q_t, k_t, q_i, k_i, text_mask.bool())
+        return CrossQK(q_t, k_t, q_i, k_i, text_mask.bool(), images.token_mask())
 
     # -- interaction ---------------------------------------------------------------------
-    def fuse(self, text_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
-        """Fused vector from the two [CLS] states (token states or cached [CLS] vectors)."""
-        t = text_states[:, 0] if text_states.dim() == 3 else text_states
-        i = image_states[:, 0] if image_states.dim() == 3 else image_states
-        return self.fusion(torch.cat([t, i], dim=-1))
+    def fuse(self, text_cls: torch.Tensor, image_cls: torch.Tensor) -> torch.Tensor:
+        """Fused vector from the two pooled vectors (``pool_text`` / ``pool_image``)."""
+        return self.fusion(torch.cat([text_cls, image_cls], dim=-1))
 
-    def classify(self, text_states, image_states, image_states2=None) -> torch.Tensor:
+    def classify(self, text_cls, image_cls, image_cls2=None) -> torch.Tensor:
         if self.task == "nlvr2":
-            if image_states2 is None:
+            if image_cls2 is None:
                 raise ValueError("nlvr2 needs two images")
-            pair = torch.cat([self.fuse(text_states, image_states), self.fuse(text_states, image_states2)], -1)
-            return self.head(pair)
-        return self.head(self.fuse(text_states, image_states))
+            return self.head(torch.cat([self.fuse(text_cls, image_cls), self.fuse(text_cls, image_cls2)], -1))
+        return self.head(self.fuse(text_cls, image_cls))
 
-    def pooled(self, text_states, image_states) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised contrastive embeddings (text, image) from token states or [CLS] vectors."""
-        t = text_states[:, 0] if text_states.dim() == 3 else text_states
-        i = image_states[:, 0] if image_states.dim() == 3 else image_states
-        return F.normalize(self.itc_text(t), dim=-1), F.normalize(self.itc_image(i), dim=-1)
+    def contrastive_embeddings(self, text_cls, image_cls) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised contrastive embeddings (text, image) from the pooled vectors."""
+        return F.normalize(self.itc_text(text_cls), dim=-1), F.normalize(self.itc_image(image_cls), dim=-1)
 
-    def forward(self, pixels, input_ids, attention_mask, pixels2=None, capture: bool = False,
-                itc: bool = False) -> "StudentOutput":
+    def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
+                capture: bool = False, itc: bool = False) -> "StudentOutput":
         """The student's whole share of a training/eval step (one module call, so DeepSpeed
         ZeRO-3 gathers every parameter it touches).
 
         For ``task='itm'`` the rows are [positives; (text, hard-negative image);
         (hard-negative text, image)], the negatives mined over every rank's micro-batch
-        (``negatives_across_ranks``) and fetched with gradient; ``rows`` holds each row's inputs.
+        (``negatives_across_ranks``) from similarities scaled by the contrastive temperature,
+        and fetched with gradient; ``rows`` holds each row's inputs.
         """
         self.set_capture(capture)
         text = self.encode_text(input_ids, attention_mask)
-        image = self.encode_image(pixels)
-        qk = [self.take_qk(attention_mask)] if capture else []
+        image = self.encode_image(images)
+        qk = [self.take_qk(attention_mask, images)] if capture else []
+        t_cls, i_cls = self.pool_text(text), self.pool_image(image)
         out = StudentOutput(logits=None, qk=qk)
         if self.task == "itm":
-            t_emb, i_emb = self.pooled(text, image)
+            t_emb, i_emb = self.contrastive_embeddings(t_cls, i_cls)
+            scale = self.logit_scale.exp().clamp(max=100)
             if itc:
-                out.itc_loss = contrastive(t_emb, i_emb, self.logit_scale)
+                out.itc_loss = contrastive(t_emb, i_emb, scale)
             across = self.negatives_across_ranks
-            neg_img, neg_txt = mine_hard_negatives(t_emb, i_emb, across)
+            neg_img, neg_txt = mine_hard_negatives(t_emb, i_emb, scale.detach(), across)
             q = qk[0] if capture else None
-            img_side = [image[:, 0], pixels] + ([q.q_image, q.k_image] if capture else [])
-            txt_side = [text[:, 0], input_ids, attention_mask] + ([q.q_text, q.k_text] if capture else [])
+            img_side = [i_cls, *images.tensors()] + ([q.q_image, q.k_image] if capture else [])
+            txt_side = [t_cls, input_ids, attention_mask] + ([q.q_text, q.k_text] if capture else [])
             neg_i, neg_t = gather_rows(img_side, neg_img, across), gather_rows(txt_side, neg_txt, across)
 
             # rows: [positives; (text, negative image); (negative text, image)]
@@ -271,25 +290,30 @@ class DualEncoder(nn.Module):
             def image_rows(k):
                 return torch.cat([img_side[k], neg_i[k], img_side[k]])
             out.logits = self.head(self.fuse(text_rows(0), image_rows(0)))
-            out.rows = {"pixels": image_rows(1), "input_ids": text_rows(1), "attention_mask": text_rows(2)}
+            row_images = Images(image_rows(1), image_rows(2), image_rows(3))
+            out.rows = {"images": row_images, "input_ids": text_rows(1), "attention_mask": text_rows(2)}
             if capture:
-                out.qk = [CrossQK(text_rows(3), text_rows(4), image_rows(2), image_rows(3),
-                                  out.rows["attention_mask"].bool())]
+                out.qk = [CrossQK(text_rows(3), text_rows(4), image_rows(4), image_rows(5),
+                                  out.rows["attention_mask"].bool(), row_images.token_mask())]
         elif self.task == "nlvr2":
-            image2 = self.encode_image(pixels2)
+            image2 = self.encode_image(images2)
             if capture:
                 q_i, k_i = self.image.tap.take()
-                out.qk.append(CrossQK(qk[0].q_text, qk[0].k_text, q_i, k_i, qk[0].text_mask))
-            out.logits = self.classify(text, image, image2)
+                out.qk.append(CrossQK(qk[0].q_text, qk[0].k_text, q_i, k_i, qk[0].text_mask, images2.token_mask()))
+            out.logits = self.classify(t_cls, i_cls, self.pool_image(image2))
         else:
-            out.logits = self.classify(text, image)
+            out.logits = self.classify(t_cls, i_cls)
         self.set_capture(False)
         return out
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters that take optim.head_lr_mult (fusion + task head)."""
-        return [*self.fusion.parameters(), *self.head.parameters()]
+        """Parameters that take optim.head_lr_mult: the task head only (the fusion MLP and the
+        poolers train at the base rate, as in ViLT/DiDE's lr_mult)."""
+        return list(self.head.parameters())
 
     def export_config(self) -> dict:
-        return {"model_type": "dide_dual_encoder", "task": self.task, "num_classes": self.num_classes,
-                "shape": asdict(self.shape)}
+        cfg = {"model_type": "dide_dual_encoder", "task": self.task, "num_classes": self.num_classes,
+               "shape": asdict(self.shape)}
+        if self.labels:  # the head's output names, in transformers' convention
+            cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
+        return cfg

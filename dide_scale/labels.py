@@ -1,0 +1,132 @@
+"""Label spaces matched by name, never by index.
+
+A transformers checkpoint orders its outputs its own way (``config.id2label``): ViLT's
+VQAv2 head has 3,129 answers in an order unrelated to a frequency-sorted ``answers.json``,
+and an SNLI-VE or NLVR2 head may list its classes in any order.  Before a teacher's logits
+become soft labels they are reordered into the student's label space by name
+(:class:`LabelMap`); student labels the teacher lacks are left out of the soft-label loss
+and counted.  Everything here reads only JSON files, so it runs in the preflight, before
+any process group or model exists.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SNLI_VE_NAMES = ("entailment", "neutral", "contradiction")  # the order of data.transforms.SNLI_LABELS
+NLVR2_NAMES = ("False", "True")  # label 0 / 1 of the NLVR2 shards
+_GENERIC = re.compile(r"^LABEL_\d+$")
+
+
+def student_labels(cfg) -> list[str] | None:
+    """The student's label names in its head's order (None for ITM, which has no classes)."""
+    task = cfg.train.task
+    if task == "vqa":
+        from .data.pipeline import answer_list
+        return list(answer_list(cfg))
+    if task == "snli_ve":
+        return list(SNLI_VE_NAMES)
+    if task == "nlvr2":
+        return list(NLVR2_NAMES)
+    return None
+
+
+def names_from_id2label(id2label: dict | None) -> list[str] | None:
+    """``{"0": "net", "1": "pitcher", ...}`` -> names in output order; None when absent or
+    generic (transformers' default ``LABEL_0``, ``LABEL_1``, ...)."""
+    if not id2label:
+        return None
+    items = sorted((int(k), str(v)) for k, v in id2label.items())
+    if [k for k, _ in items] != list(range(len(items))):
+        raise ValueError(f"id2label keys are not 0..{len(items) - 1}")
+    names = [v for _, v in items]
+    return None if all(_GENERIC.match(n) for n in names) else names
+
+
+def teacher_labels(cfg) -> list[str] | None:
+    """The teacher's output names in its own order, from ``teacher.label_names`` or its
+    config.json (``id2label``); None for ITM or when the checkpoint names none."""
+    if cfg.train.task == "itm":
+        return None
+    if cfg.teacher.label_names:
+        return list(cfg.teacher.label_names)
+    raw = json.loads((Path(cfg.teacher.path) / "config.json").read_text())
+    return names_from_id2label(raw.get("id2label"))
+
+
+@dataclass
+class LabelMap:
+    """Teacher logits -> the student's label space: ``index[i]`` is the teacher output of
+    student label i, ``present[i]`` whether the teacher has it at all."""
+
+    index: torch.Tensor
+    present: torch.Tensor
+    missing: list[str]
+    teacher_size: int
+
+    def apply(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if teacher_logits.shape[-1] != self.teacher_size:
+            raise ValueError(f"the teacher gave {teacher_logits.shape[-1]} logits but its label names count "
+                             f"{self.teacher_size}")
+        return teacher_logits.index_select(-1, self.index.to(teacher_logits.device))
+
+    @property
+    def identity(self) -> bool:
+        return self.teacher_size == len(self.index) and bool(
+            torch.equal(self.index, torch.arange(len(self.index))))
+
+    def summary(self) -> str:
+        n = len(self.index)
+        shown = ", ".join(self.missing[:10]) + (" ..." if len(self.missing) > 10 else "")
+        return (f"the teacher covers {n - len(self.missing)} of the student's {n} labels"
+                + (f"; {len(self.missing)} left out of the soft-label loss: {shown}" if self.missing else ""))
+
+
+def match_labels(student: list[str], teacher: list[str] | None, task: str, min_overlap: float = 0.9,
+                 where: str = "the teacher") -> LabelMap:
+    """Map ``teacher`` names onto ``student`` names.
+
+    VQA: exact names; answers the teacher lacks are marked absent; fewer than
+    ``min_overlap`` of the student's answers covered is refused with the numbers.
+    SNLI-VE / NLVR2: the same names in any order (compared case-insensitively), else refused
+    naming both orders.  A teacher without names is refused (``teacher.label_names`` declares
+    them)."""
+    if teacher is None:
+        raise ValueError(f"{where} has no label names (config.json id2label is missing or LABEL_0, LABEL_1, ...), "
+                         "so its outputs cannot be matched to the student's labels by name: set "
+                         f"teacher.label_names to its output names in order (the student's: {_preview(student)})")
+    if task == "vqa":
+        pos = {name: i for i, name in enumerate(teacher)}
+        index = torch.tensor([pos.get(a, 0) for a in student], dtype=torch.long)
+        present = torch.tensor([a in pos for a in student], dtype=torch.bool)
+        missing = [a for a in student if a not in pos]
+        covered = 1.0 - len(missing) / max(1, len(student))
+        if covered < min_overlap:
+            raise ValueError(
+                f"{where} knows only {len(student) - len(missing)} of the student's {len(student)} answers "
+                f"({covered:.1%} < teacher.min_label_overlap={min_overlap}); first missing: {_preview(missing)}. "
+                "Write the answer list in the teacher's order with `dide-data vqa --answers-from TEACHER_DIR`")
+        return LabelMap(index, present, missing, len(teacher))
+    low = [t.lower() for t in teacher]
+    if sorted(low) != sorted(s.lower() for s in student) or len(set(low)) != len(low):
+        raise ValueError(f"{where} labels its {task} outputs {list(teacher)}, the student {list(student)}: "
+                         "the names do not correspond (set teacher.label_names if the checkpoint's names are "
+                         "wrong)")
+    index = torch.tensor([low.index(s.lower()) for s in student], dtype=torch.long)
+    return LabelMap(index, torch.ones(len(student), dtype=torch.bool), [], len(teacher))
+
+
+def label_map_for(cfg) -> LabelMap | None:
+    """The LabelMap of a RunConfig's teacher (None for ITM or when no soft labels are used)."""
+    if cfg.train.task == "itm" or not cfg.loss.soft_label > 0:
+        return None
+    return match_labels(student_labels(cfg), teacher_labels(cfg), cfg.train.task, cfg.teacher.min_label_overlap,
+                        f"teacher.path={cfg.teacher.path}")
+
+
+def _preview(names: list[str], n: int = 8) -> str:
+    return ", ".join(map(repr, names[:n])) + (" ..." if len(names) > n else "")
