@@ -7,11 +7,15 @@ Layout of a run directory::
         ...                     (DeepSpeed's own files)
         dide_rank00000.pt       this project's per-rank state (weights_only-loadable)
         COMPLETE.json           written last, by rank 0, after every rank finished: a
-                                manifest of every file and its size
+                                manifest of every file and its size, each file's size
+                                reported by the rank that wrote it (another node's stat()
+                                of a file just written can be stale on NFS)
       latest                    tag of the newest complete checkpoint (atomic rename)
 
 A checkpoint without ``COMPLETE.json``, or whose files do not match its manifest, is
-reported and skipped in favour of the previous one.  The teacher is never saved.
+reported and skipped in favour of the previous one; the ranks agree on the one they resume
+from (a checkpoint that any rank fails to verify or load is skipped by all).  The teacher is
+never saved.
 """
 from __future__ import annotations
 
@@ -20,13 +24,14 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import rank, world_size
+from .distributed import all_ranks, rank, world_size
 from .fsutil import atomic_write_text
 
 log = logging.getLogger("dide_scale.checkpoint")
@@ -66,6 +71,34 @@ def tag_for(step: int) -> str:
 def manifest(d: Path) -> dict[str, int]:
     return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
             if p.is_file() and p.name != COMPLETE}
+
+
+def written_by(name: str, r: int) -> bool:
+    """Whether rank ``r`` wrote checkpoint file ``name``: DeepSpeed's per-rank shards carry
+    ``pp_rank_{r}_``, our state ``dide_rank{r:05d}``; everything else is rank 0's."""
+    base = Path(name).name
+    per_rank = "pp_rank_" in base or base.startswith("dide_rank")
+    if not per_rank:
+        return r == 0
+    return f"pp_rank_{r}_" in base or base.startswith(f"dide_rank{r:05d}")
+
+
+def own_files(d: Path) -> dict[str, int]:
+    """Sizes of the files of checkpoint ``d`` that this rank wrote, from this rank's stat()."""
+    return {k: v for k, v in manifest(d).items() if written_by(k, rank())}
+
+
+def _gather_manifest(d: Path) -> dict[str, int]:
+    """Every rank's own files, merged on every rank."""
+    mine = own_files(d)
+    if world_size() == 1:
+        return mine
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, mine)
+    merged: dict[str, int] = {}
+    for p in parts:
+        merged.update(p)
+    return dict(sorted(merged.items()))
 
 
 def verify(d: Path) -> str | None:
@@ -111,8 +144,9 @@ class Checkpointer:
         torch.save(own, tmp)
         os.replace(tmp, d / f"dide_rank{rank():05d}.pt")
         _barrier()  # every rank has written its shards and its state
+        files = _gather_manifest(d)  # each file's size as its writer sees it
         if rank() == 0:
-            atomic_write_text(d / COMPLETE, json.dumps({"step": step, "world_size": world_size(), "files": manifest(d)}))
+            atomic_write_text(d / COMPLETE, json.dumps({"step": step, "world_size": world_size(), "files": files}))
             atomic_write_text(self.dir / "latest", tag)
             self.purge()
         _barrier()
@@ -139,45 +173,42 @@ class Checkpointer:
         return list(reversed(self.all_tags()))
 
     # -- resume ---------------------------------------------------------------------------
-    def resume(self, engine, load_optimizer: bool = True) -> dict | None:
-        """Load the newest intact checkpoint into ``engine``; returns this rank's saved
-        state, or None for a fresh start.  Broken checkpoints are reported and skipped."""
+    def resume(self, engine, load_optimizer: bool = True, group=None) -> dict | None:
+        """Load the newest checkpoint that every rank can verify and load into ``engine``;
+        returns this rank's saved state, or None for a fresh start.  Broken checkpoints are
+        reported and skipped.  The ranks agree on each candidate (a CPU all-reduce on
+        ``group``), so one rank that cannot read the newest (ESTALE, out of memory) sends all
+        of them to the previous one instead of resuming alone from another step."""
         for tag in self.candidates():
             d = self.dir / tag
             problem = verify(d)
-            if problem is None:
-                problem = self._load(engine, tag, load_optimizer)
-                if problem is None:
-                    own = self._own_state(d)
-                    if own is not None:
-                        if "rng" in own:
-                            set_rng_state(own["rng"])
-                        log.info("resumed from %s", d)
-                        return own
+            if not all_ranks(problem is None, group):
+                problem = problem or "another rank could not verify it"
+            else:
+                problem = self._load(engine, tag, load_optimizer, group)
+                own = self._own_state(d) if problem is None else None
+                if problem is None and own is None:
                     problem = f"no state for rank {rank()} (saved at world size {self.saved_world(d)})"
-            if rank() == 0:
-                log.warning("skipping checkpoint %s: %s", d, problem)
+                if all_ranks(problem is None, group):
+                    if "rng" in own:
+                        set_rng_state(own["rng"])
+                    log.info("resumed from %s", d)
+                    return own
+                problem = problem or "another rank could not load it"
+            log.warning("skipping checkpoint %s: %s", d, problem)
         return None
 
-    def _load(self, engine, tag: str, load_optimizer: bool) -> str | None:
-        from .engine import convert_to_universal, load_universal
+    def _load(self, engine, tag: str, load_optimizer: bool, group=None) -> str | None:
+        from .engine import load_universal
         saved_world = self.saved_world(self.dir / tag)
         try:
             if saved_world != world_size():
                 # another world size: DeepSpeed's universal format re-partitions the state
                 log.warning("checkpoint %s was written by %d ranks, resuming on %d: converting to DeepSpeed's "
                             "universal format", tag, saved_world, world_size())
-                error = None
-                if rank() == 0:
-                    try:
-                        convert_to_universal(self.dir, tag, self.dir / "universal")
-                    except RuntimeError as e:
-                        error = str(e)
-                flag = [error]
-                if dist.is_available() and dist.is_initialized():
-                    dist.broadcast_object_list(flag, src=0)
-                if flag[0]:
-                    return flag[0]
+                error = self._universal(tag)
+                if not all_ranks(error is None, group):
+                    return error or "the universal conversion failed on rank 0"
                 path, _ = load_universal(engine, self.dir / "universal", tag, load_optimizer)
             else:
                 path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=load_optimizer,
@@ -185,6 +216,32 @@ class Checkpointer:
         except Exception as e:  # a corrupt shard surfaces as an unpickling/IO error
             return f"load failed: {e.__class__.__name__}: {e}"
         return None if path is not None else "DeepSpeed found nothing to load"
+
+    def _universal(self, tag: str, poll_s: float = 1.0, timeout_s: float = 4 * 3600) -> str | None:
+        """Rank 0 converts ``tag`` to the universal format; the others wait on the filesystem,
+        not in a collective, so a conversion longer than ``train.collective_timeout_s`` (large
+        models) cannot time them out.  Returns None when the conversion is there."""
+        from .engine import convert_to_universal
+        out = self.dir / "universal" / tag
+        failed = out.with_name(tag + ".FAILED")
+        if rank() == 0:
+            failed.unlink(missing_ok=True)
+        _barrier()  # nobody reads a FAILED marker left by an earlier attempt
+        if rank() == 0:
+            try:
+                convert_to_universal(self.dir, tag, self.dir / "universal")
+            except RuntimeError as e:
+                atomic_write_text(failed, str(e))
+                return str(e)
+            return None
+        deadline = time.monotonic() + timeout_s
+        while not (out / "CONVERTED").exists():
+            if failed.exists():
+                return failed.read_text()
+            if time.monotonic() > deadline:
+                return f"rank 0 did not finish the universal conversion of {tag} within {timeout_s:.0f} s"
+            time.sleep(poll_s)
+        return None
 
     def _own_state(self, d: Path) -> dict | None:
         """This rank's saved state; after a world-size change, rank 0's counters with the

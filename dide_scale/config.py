@@ -102,6 +102,13 @@ class TeacherConfig:
     checkpoint. Empty only when no distillation loss is used."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     """Shape of a 'fusion' teacher (ignored for 'hf_vilt', whose config.json decides)."""
+    zero_stage: int | None = None
+    """0: a full copy of the frozen teacher on every rank (in the student's dtype); 3: its
+    parameters partitioned over the ranks with a ZeRO-3 inference engine (about 1/N each,
+    gathered block by block in the forward). None: 3 when train.zero_stage is 3, else 0."""
+    param_persistence_threshold: int = 100_000
+    """A ZeRO-3 teacher keeps parameters with fewer elements than this whole on every rank
+    (LayerNorms, biases), instead of all-gathering them on every forward."""
     label_names: list[str] = field(default_factory=list)
     """The teacher's output names in its output order, for a checkpoint whose config.json has
     none (id2label missing or LABEL_0, LABEL_1, ...); normally read from id2label. Soft labels
@@ -138,6 +145,11 @@ class LossConfig:
     itm_negatives: str = "global"
     """ITM hard negatives of the dual encoder: 'global' mines over every rank's micro-batch
     (the chosen rows are fetched with gradient by all_to_all), 'local' over this rank's only."""
+    itm_exchange_capacity: float = 2.0
+    """'global' mining: each rank may ask each other rank for this many times an even share of
+    rows (micro batch / world size), so the exchange has static sizes and no host sync; a
+    choice beyond it is replaced by a negative from the rank's own micro-batch (the fraction
+    replaced is logged as itm/local_fallback)."""
     attn_mse: float = 0.0
     """DistillVLM: MSE between teacher and student self-attention probabilities of the
     mapped blocks (valid tokens only; heads per loss.head_map). Needs student.kind=fusion."""
@@ -238,7 +250,14 @@ class TrainConfig:
     precision: str = "fp32"
     """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage 0-3 for the student; stage 3 also partitions the teacher."""
+    """DeepSpeed ZeRO stage 0-3 for the student (the teacher's: teacher.zero_stage)."""
+    comm_dtype: str = "fp32"
+    """Dtype of the gradient reductions across ranks under bf16/fp16 ('fp32', 'bf16', 'fp16'):
+    DeepSpeed defaults to the model's dtype, which loses precision when summing over many ranks."""
+    grad_accum_dtype: str = "fp32"
+    """Dtype gradients accumulate in over micro-batches under bf16/fp16, at ZeRO stages 2-3. At
+    stages 0-1 DeepSpeed accumulates in the model's dtype: its fp32-accumulating bf16 optimizer
+    for stage 1 writes checkpoints that its own fp32 consolidation cannot read."""
     offload: bool = False
     """Offload optimizer state and parameters to CPU (ZeRO-3 only)."""
     ds_config: str = ""
@@ -259,6 +278,9 @@ class TrainConfig:
     """Consecutive non-finite steps that stop the run."""
     collective_timeout_s: int = 600
     """Timeout of every collective; a dead rank stops the others after this long."""
+    lease_ttl_s: float = 300.0
+    """The run directory's lease expires this long after its holder stopped renewing it (a
+    job SIGKILLed or lost with its node); until then a second job on the directory is refused."""
     probe_every: int = 0
     """Steps between attention-map images in TensorBoard (0: never)."""
     eval_batches: int = 0
@@ -286,6 +308,11 @@ class RunConfig:
                 f"train.micro_batch_size={self.train.micro_batch_size} x world size {world_size}")
         return self.train.global_batch_size // per_step
 
+    def teacher_partitioned(self) -> bool:
+        """Whether the teacher runs as a ZeRO-3 engine (teacher.zero_stage, resolved)."""
+        stage = self.teacher.zero_stage
+        return (self.train.zero_stage == 3) if stage is None else stage == 3
+
     def num_classes(self) -> int:
         return self.data.num_answers if self.train.task == "vqa" else TASK_CLASSES[self.train.task]
 
@@ -297,11 +324,14 @@ class RunConfig:
             raise ConfigError(f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
         if t.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+        for name in ("comm_dtype", "grad_accum_dtype"):
+            if getattr(t, name) not in ("fp32", "bf16", "fp16"):
+                raise ConfigError(f"train.{name}={getattr(t, name)!r} must be fp32, bf16 or fp16")
         if t.offload and t.zero_stage != 3:
             raise ConfigError(f"train.offload=true needs train.zero_stage=3 (got {t.zero_stage}); "
                               "this project offloads parameters and optimizer state together")
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last",
-                     "max_bad_steps", "collective_timeout_s"):
+                     "max_bad_steps", "collective_timeout_s", "lease_ttl_s"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
         if t.global_batch_size % t.micro_batch_size:
@@ -324,12 +354,17 @@ class RunConfig:
         for i, pair in enumerate(lo.layer_map):
             if len(pair) != 2:
                 raise ConfigError(f"loss.layer_map[{i}]={pair}: expected [teacher_block, student_block]")
+        if self.teacher.zero_stage not in (None, 0, 3):
+            raise ConfigError(f"teacher.zero_stage={self.teacher.zero_stage} must be 0 (replicated), 3 (partitioned) "
+                              "or null (follow train.zero_stage)")
         if self.teacher.kind not in ("fusion", "hf_vilt"):
             raise ConfigError(f"teacher.kind={self.teacher.kind!r} must be 'fusion' or 'hf_vilt'")
         if self.teacher.kind == "fusion":
             self.teacher.arch.check("teacher.arch")
         if lo.itm_negatives not in ("global", "local"):
             raise ConfigError(f"loss.itm_negatives={lo.itm_negatives!r} must be 'global' or 'local'")
+        if lo.itm_exchange_capacity <= 0:
+            raise ConfigError("loss.itm_exchange_capacity must be > 0")
         if lo.head_map not in ("per_head", "mean"):
             raise ConfigError(f"loss.head_map={lo.head_map!r} must be 'per_head' or 'mean'")
         for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc", "attn_mse", "token_nce"):

@@ -29,11 +29,36 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def export(self) -> None:
-        """Write the torchrun-style variables that torch.distributed / DeepSpeed read."""
-        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
+    def export(self, visible_gpus: int = 0) -> None:
+        """Write the torchrun-style variables that torch.distributed / DeepSpeed read.  With
+        GPUs, LOCAL_RANK is the rank's device among the ones it can see (DeepSpeed selects
+        its device by LOCAL_RANK; see ``device_index``)."""
+        local = device_index(self.local_rank, visible_gpus) if visible_gpus else self.local_rank
+        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(local), WORLD_SIZE=str(self.world_size),
                           MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port),
                           LOCAL_SIZE=os.environ.get("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """This rank's CUDA device among the ``visible`` ones.  Under ``srun --gpus-per-task=1`` or
+    ``--gpu-bind`` each task sees only its own GPU, as device 0, whatever its local rank; with
+    the node's GPUs all visible, the local rank picks one."""
+    if visible <= 0:
+        raise RuntimeError("no CUDA device is visible to this rank")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} sees only {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run one task per GPU, each seeing its "
+                       "own GPU or all of the node's")
+
+
+def rendezvous_port(job_id: int) -> int:
+    """A job's rendezvous port: the same after a requeue (same job id), different for jobs
+    sharing a node, and in 10000-29999, below Linux's ephemeral range (32768-60999), where
+    an outgoing connection of some other process could already hold it."""
+    return 10000 + job_id % 20000
 
 
 def world_size() -> int:
@@ -46,6 +71,107 @@ def rank() -> int:
     """This process's rank in the initialised process group (0 without one)."""
     import torch.distributed as dist
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a MAX all-reduce on ``group``, the
+    CPU gloo control group: no device sync)."""
+    import torch
+    import torch.distributed as dist
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def all_ranks(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    return not any_rank(not flag, group)
+
+
+def rank0_decides(value, group=None):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    import torch.distributed as dist
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def all_gather_nograd(x):
+    """Every rank's ``x`` (same shape everywhere), concatenated in rank order, no gradient."""
+    import torch
+    import torch.distributed as dist
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def gather_with_grad(x):
+    """Concatenate ``x`` from every rank; gradients flow back to each rank's own slice."""
+    import torch
+    if world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dnnf
+    return torch.cat(dnnf.all_gather(x), dim=0)
+
+
+def exchange_capacity(batch: int, world: int, factor: float = 2.0) -> int:
+    """Rows one rank may ask of each other rank in ``gather_rows``: ``factor`` times the
+    ``batch / world`` an even spread of requests would give (at least 1, at most ``batch``)."""
+    import math
+    return max(1, min(batch, math.ceil(factor * batch / world)))
+
+
+def request_slots(owner, remote, world: int):
+    """For each request (``owner`` rank per row, ``remote`` = not this rank), its position
+    among this rank's requests to the same owner, in row order (0, 1, ...)."""
+    import torch.nn.functional as F
+    onehot = F.one_hot(owner, world) * remote[:, None].long()
+    return (onehot.cumsum(0) - 1).gather(1, owner[:, None]).squeeze(1)
+
+
+def gather_rows(tensors: list, idx, capacity: int | None = None) -> list:
+    """Rows ``idx`` of each tensor, where ``idx`` holds global row indices (rank r's row i is
+    ``r * B + i``, every rank's tensors having B rows), as ``losses.mine_hard_negatives``
+    returns them.  This rank's own rows are read in place; the others arrive in two
+    ``all_to_all`` exchanges of static size (the requests, then the rows): ``capacity`` rows
+    from each rank, which mining guarantees no request exceeds, so nothing is read back to
+    the host.  Gradients of fetched rows flow back to the rank that owns them."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dnnf
+    b, world, me = tensors[0].shape[0], world_size(), rank()
+    if world == 1:
+        return [t[idx] for t in tensors]
+    k = capacity or b
+    owner, local_idx = idx // b, idx % b
+    remote = owner != me
+    slot = request_slots(owner, remote, world)
+    pos = torch.where(remote, owner * k + slot, torch.full_like(slot, world * k))  # own rows: a dump slot
+    ask = torch.zeros(world * k + 1, dtype=idx.dtype, device=idx.device).scatter_(0, pos, local_idx)[:-1]
+    asked = torch.empty_like(ask)
+    dist.all_to_all_single(asked, ask)  # row indices every rank asks of this one, k per rank
+    out = []
+    for t in tensors:
+        is_bool = t.dtype == torch.bool
+        src = t.to(torch.uint8) if is_bool else t
+        send = src[asked].reshape(world * k, math.prod(t.shape[1:])).contiguous()
+        recv = send.new_empty(send.shape)
+        if send.requires_grad:
+            recv = dnnf.all_to_all_single(recv, send)
+        else:
+            dist.all_to_all_single(recv, send)
+        fetched = recv.reshape(world * k, *t.shape[1:])[torch.where(remote, owner * k + slot, 0)]
+        got = torch.where(remote.view(-1, *[1] * (t.dim() - 1)), fetched, src[local_idx])
+        out.append(got.bool() if is_bool else got)
+    return out
 
 
 def free_port() -> int:
@@ -85,7 +211,7 @@ def detect(environ: dict | None = None) -> DistEnv:
         missing = [v for v in need if v not in env]
         if missing:
             raise RuntimeError(f"incomplete SLURM step environment: {missing} missing")
-        port = int(env.get("DIDE_MASTER_PORT", 20000 + int(env["SLURM_JOB_ID"]) % 20000))
+        port = int(env.get("DIDE_MASTER_PORT", rendezvous_port(int(env["SLURM_JOB_ID"]))))
         addr = env.get("DIDE_MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"])
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"]), addr, port,
                        "srun")

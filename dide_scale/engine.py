@@ -6,9 +6,10 @@
 * ``init_distributed``: the process group (gloo on CPU, nccl on GPU) with the collective
   timeout from the config.
 * ``build_engines``: the student as a DeepSpeed training engine; the teacher as its own
-  engine partitioned with ZeRO-3 when the student is at stage 3 (each rank holds ~1/N of
-  its parameters), otherwise replicated on every rank, in eval mode and in the student's
-  dtype.  The teacher never sees the optimizer.
+  ZeRO-3 inference engine when ``teacher.zero_stage`` resolves to 3 (each rank holds ~1/N of
+  its parameters; small ones stay whole, ``teacher.param_persistence_threshold``), otherwise
+  replicated on every rank, in eval mode and in the student's dtype.  The teacher never
+  sees the optimizer.
 """
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
         fp16.setdefault("loss_scale", 0)  # dynamic
         fp16.setdefault("initial_scale_power", 16)
     ds["fp16"] = fp16
+    if t.precision != "fp32":  # fp32 reductions and accumulation: bf16 sums over 16+ ranks lose digits
+        ds.setdefault("communication_data_type", t.comm_dtype)
+        if t.zero_stage >= 2:  # see train.grad_accum_dtype for stages 0-1
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", t.grad_accum_dtype)
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10 ** 9)  # our own logger prints
     ds.setdefault("wall_clock_breakdown", False)
@@ -105,10 +110,11 @@ def init_distributed(env, timeout_s: int) -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         return
-    env.export()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env.export(gpus)
+    backend = "nccl" if gpus else "gloo"
+    if gpus:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # this rank's device among the visible ones
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
                                world_size=env.world_size)
@@ -176,11 +182,12 @@ def build_engines(cfg: RunConfig, ds_config: dict, student: nn.Module, teacher: 
     t_engine, partitioned = None, False
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-        if cfg.train.zero_stage == 3:
+        if cfg.teacher_partitioned():
             t_cfg = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
                      "gradient_accumulation_steps": 1,
                      "train_batch_size": ds_config["train_micro_batch_size_per_gpu"] * world_size(),
-                     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                     "zero_optimization": {"stage": 3,
+                                           "stage3_param_persistence_threshold": cfg.teacher.param_persistence_threshold,
                                            **({"offload_param": {"device": "cpu"}} if cfg.train.offload else {})},
                      "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
                      "steps_per_print": 10 ** 9}

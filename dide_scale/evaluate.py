@@ -92,12 +92,13 @@ def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor | None = None, 
 
 @torch.no_grad()
 def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=torch.float32,
-                       max_batches: int = 0) -> dict:
+                       max_batches: int = 0, prepare: bool = True) -> dict:
     """Image-text retrieval over a split of (image, caption) shards with a dual encoder.
 
     Each image (by ``image_id``, else the sample key) and each caption is encoded once; the
     score matrix is the ITM head over every (text, image) pair from the cached [CLS] vectors
-    (``scorer='itm'``) or the cosine of the contrastive embeddings (``'itc'``, N + M work)."""
+    (``scorer='itm'``) or the cosine of the contrastive embeddings (``'itc'``, N + M work).
+    ``prepare=False`` leaves the model's device and dtype alone (a model inside an engine)."""
     from .inference import DualEncoderInference
     from .models.images import from_batch
     if not hasattr(model, "encode_image"):
@@ -105,7 +106,7 @@ def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=t
                          "per image-text pair)")
     if scorer not in ("itm", "itc"):
         raise ValueError(f"scorer={scorer!r} must be 'itm' or 'itc'")
-    inf = DualEncoderInference(model, device, dtype)
+    inf = DualEncoderInference(model, device, dtype, prepare=prepare)
     texts, images, text_image, index = [], [], [], {}
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:

@@ -16,14 +16,18 @@ from .checkpoint import Checkpointer, verify
 from .models.build import save_pretrained
 
 
-def export_from_checkpoint(run_dir: str | Path, out_dir: str | Path, module=None) -> Path:
+def export_from_checkpoint(run_dir: str | Path, out_dir: str | Path, module=None, tag: str | None = None) -> Path:
+    """Export checkpoint ``tag`` (the trainer passes the one it has just written: its manifest
+    came from the writers, and this node's stat() of other nodes' fresh files may be stale on
+    NFS), or the newest intact one."""
     from .engine import consolidated_state_dict
     ck = Checkpointer(run_dir)
-    for tag in ck.candidates():
-        if verify(ck.dir / tag) is None:
-            break
-    else:
-        raise FileNotFoundError(f"{run_dir}: no intact checkpoint to export")
+    if tag is None:
+        for tag in ck.candidates():
+            if verify(ck.dir / tag) is None:
+                break
+        else:
+            raise FileNotFoundError(f"{run_dir}: no intact checkpoint to export")
     sd = consolidated_state_dict(ck.dir, tag)
     if module is None:
         import yaml

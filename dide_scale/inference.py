@@ -19,8 +19,11 @@ from .models.images import Images
 class DualEncoderInference:
     """Batch API over an (exported or in-training) DualEncoder."""
 
-    def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.model = model.eval().to(device=device, dtype=dtype)
+    def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 prepare: bool = True):
+        """``prepare``: move the model to ``device``/``dtype`` (False: it is already there,
+        e.g. inside a DeepSpeed engine); the model is put in eval mode either way."""
+        self.model = model.eval().to(device=device, dtype=dtype) if prepare else model.eval()
         self.device, self.dtype = torch.device(device), dtype
 
     def _images(self, images: Images) -> Images:

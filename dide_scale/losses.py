@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import rank, world_size
+from .distributed import gather_with_grad, rank, world_size
 from .models.attention import CrossQK, JointStates, cross_log_probs, t2i_i2t
 
 
@@ -105,14 +105,6 @@ def vqa_ground_truth(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.
     return F.binary_cross_entropy_with_logits(logits.float(), soft_targets.float()) * logits.shape[-1]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank; gradients flow back to each rank's own slice."""
-    if world_size() == 1:
-        return x
-    import torch.distributed.nn.functional as dnnf
-    return torch.cat(dnnf.all_gather(x), dim=0)
-
-
 def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch (embeddings gathered across ranks with grad);
     ``scale`` = 1 / temperature.  Computed in fp32 (the similarities of a bf16 run lose
@@ -126,79 +118,48 @@ def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Te
 
 @torch.no_grad()
 def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor | float = 1.0,
-                        across_ranks: bool = True, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        across_ranks: bool = True, generator: torch.Generator | None = None,
+                        capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each local pair, sample a hard negative image for its text and a hard negative text
     for its image, with probability softmax(similarity * scale), never the pair itself.
     ``scale`` is the contrastive loss's 1 / temperature (ALBEF's choice): with raw cosines in
     [-1, 1] the distribution over a large candidate set is nearly uniform.
 
     ``across_ranks``: candidates are the micro-batches of every rank (embeddings gathered
-    without gradient); indices are then global (rank r's row i is ``r * B + i``) and
-    :func:`gather_rows` fetches the chosen rows.  Returns (neg_image_idx, neg_text_idx), each [B].
-    """
-    b = text_emb.shape[0]
+    without gradient; every rank's micro-batch has the same size, as training batches do);
+    indices are then global (rank r's row i is ``r * B + i``) and
+    :func:`~dide_scale.distributed.gather_rows` fetches the chosen rows.  ``capacity`` bounds
+    the rows asked of each other rank (static all_to_all sizes, no host sync): a choice
+    beyond it is replaced by a negative drawn the same way from this rank's own micro-batch.
+    Returns (neg_image_idx [B], neg_text_idx [B], fraction of choices replaced)."""
+    from .distributed import all_gather_nograd, request_slots
+    b, dev = text_emb.shape[0], text_emb.device
     offset, all_t, all_i = 0, text_emb, image_emb
-    if across_ranks and world_size() > 1:
-        sizes = [torch.zeros(1, dtype=torch.long, device=text_emb.device) for _ in range(world_size())]
-        dist.all_gather(sizes, torch.tensor([b], device=text_emb.device))
-        if any(int(n) != b for n in sizes):
-            raise ValueError(f"hard-negative mining across ranks needs the same micro-batch on every rank, got "
-                             f"{[int(n) for n in sizes]}; set loss.itm_negatives=local")
-        all_t = torch.cat(_all_gather(text_emb.contiguous()))
-        all_i = torch.cat(_all_gather(image_emb.contiguous()))
+    world = world_size() if across_ranks else 1
+    if world > 1:
+        all_t, all_i = all_gather_nograd(text_emb), all_gather_nograd(image_emb)
         offset = rank() * b
     if all_t.shape[0] < 2:
         raise ValueError("hard-negative mining needs at least 2 pairs")
-    own = torch.zeros(b, all_t.shape[0], dtype=torch.bool, device=text_emb.device)
-    own[torch.arange(b), torch.arange(b) + offset] = True
-    scale = torch.as_tensor(scale, device=text_emb.device).float()
-    w_t2i = torch.softmax((scale * text_emb.float() @ all_i.float().t()).masked_fill(own, -1e4), dim=1)
-    w_i2t = torch.softmax((scale * image_emb.float() @ all_t.float().t()).masked_fill(own, -1e4), dim=1)
-    neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
-    neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
-    return neg_img, neg_txt
-
-
-def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x)
-    return out
-
-
-def gather_rows(tensors: list[torch.Tensor], idx: torch.Tensor, across_ranks: bool = True) -> list[torch.Tensor]:
-    """Rows ``idx`` (indices as returned by :func:`mine_hard_negatives` with the same
-    ``across_ranks``) of each tensor, in the order of ``idx``.  Across ranks, each rank sends
-    only the rows others asked for (two ``all_to_all`` exchanges: the requests, then the
-    rows); gradients of the fetched rows flow back to the rank that owns them.  Every rank's
-    tensors have the same row count."""
-    if not across_ranks or world_size() == 1:
-        return [t[idx] for t in tensors]
-    import torch.distributed.nn.functional as dnnf
-    b, world = tensors[0].shape[0], world_size()
-    owner, local_idx = idx // b, idx % b
-    order = torch.argsort(owner, stable=True)
-    ask = torch.bincount(owner, minlength=world)  # rows this rank asks of each rank
-    asked = torch.empty_like(ask)
-    dist.all_to_all_single(asked, ask)  # rows each rank asks of this one
-    ask_l, asked_l = ask.tolist(), asked.tolist()
-    wanted = torch.empty(sum(asked_l), dtype=local_idx.dtype, device=idx.device)
-    dist.all_to_all_single(wanted, local_idx[order].contiguous(), asked_l, ask_l)
-    back = torch.argsort(order)
+    ar = torch.arange(b, device=dev)
+    own = torch.zeros(b, all_t.shape[0], dtype=torch.bool, device=dev)
+    own[ar, ar + offset] = True
+    scale = torch.as_tensor(scale, device=dev).float()
+    replaced = torch.zeros((), device=dev)
     out = []
-    for t in tensors:
-        send = t[wanted]
-        is_bool = send.dtype == torch.bool
-        send = send.to(torch.uint8) if is_bool else send
-        flat = send.reshape(send.shape[0], math.prod(t.shape[1:])).contiguous()
-        recv = flat.new_empty(idx.shape[0], flat.shape[1])
-        if flat.requires_grad:
-            recv = dnnf.all_to_all_single(recv, flat, ask_l, asked_l)
-        else:
-            dist.all_to_all_single(recv, flat, ask_l, asked_l)
-        got = recv.reshape(idx.shape[0], *t.shape[1:])[back]
-        out.append(got.bool() if is_bool else got)
-    return out
+    for q, keys in ((text_emb, all_i), (image_emb, all_t)):
+        logits = (scale * q.float() @ keys.float().t()).masked_fill(own, -1e4)
+        neg = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator).squeeze(1)
+        if world > 1 and capacity is not None:
+            local = logits[:, offset:offset + b]  # the same distribution over this rank's own rows
+            fallback = torch.multinomial(torch.softmax(local, 1), 1, generator=generator).squeeze(1) + offset
+            owner = neg // b
+            remote = owner != rank()
+            over = remote & (request_slots(owner, remote, world) >= capacity)
+            neg = torch.where(over, fallback, neg)
+            replaced = replaced + over.float().mean() / 2
+        out.append(neg)
+    return out[0], out[1], replaced
 
 
 # -- DistillVLM (Fang et al., arXiv 2104.02096): layer-to-layer losses for a fusion student --

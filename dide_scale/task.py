@@ -36,6 +36,7 @@ class StepOutput:
     logits: torch.Tensor
     labels: torch.Tensor | None
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -120,12 +121,17 @@ class DistillTask:
                                          None if present is None else present.to(student_logits.device))
         return losses.soft_label_kl(student_logits, teacher_logits, T)
 
-    def training_forward(self, b: dict, timed: bool = False) -> StepOutput:
+    def training_forward(self, b: dict, timed: bool = False, generator: torch.Generator | None = None) -> StepOutput:
+        """Loss and its named parts for one micro-batch.  ``generator`` (on the batch's
+        device) serves every random draw the student makes (ITM negatives), so a step's
+        randomness is a function of its key (``rng.step_rng``)."""
         cfg = self.cfg
         capture = cfg.attn_t2i > 0 or cfg.attn_i2t > 0
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         kw = {"layers": self.s_layers} if self.s_layers else {}
+        if generator is not None and self.task == "itm":
+            kw["generator"] = generator
         s = self.student(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"),
                          capture=capture, itc=cfg.itc > 0, **kw)
         parts: dict[str, torch.Tensor] = {}
@@ -156,7 +162,7 @@ class DistillTask:
                    "token_nce": cfg.token_nce}
         loss = sum(weights[k] * v for k, v in parts.items())
         timings["student_forward"] = time.perf_counter() - t0 - timings.get("teacher_forward", 0.0)
-        return StepOutput(loss, parts, s.logits, labels, timings)
+        return StepOutput(loss, parts, s.logits, labels, timings, dict(s.stats))
 
     def token_nce(self, teacher_states: list, student_states: list) -> torch.Tensor:
         """Token NCE over mapped pairs and image passes against the queue as it was before this

@@ -59,14 +59,17 @@ class TrainState:
     best: dict | None = None  # {"step", "accuracy"} of the best evaluation on the dev split so far
 
 
-def agree(flag: bool, group) -> bool:
-    """Any rank's flag -> every rank's answer (a CPU gloo all-reduce: no device sync)."""
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+def is_bad_step(skipped: bool, precision: str, loss: torch.Tensor, group=None) -> bool:
+    """Whether a step DeepSpeed skipped counts towards ``train.max_bad_steps``.  Under fp16,
+    dynamic loss scaling skips steps by design (the gradients overflowed at the current scale,
+    most of all in its start-up search) while the loss was finite: those are not faults.  A
+    skip with a non-finite loss on any rank is, and under bf16/fp32 every skip is (only
+    non-finite gradients skip a step).  Reads the loss only on a skipped step."""
+    if not skipped:
+        return False
+    if precision != "fp16":
+        return True
+    return distributed.any_rank(not bool(torch.isfinite(loss).all()), group)
 
 
 def injected_nan_steps() -> set[int]:
@@ -76,28 +79,32 @@ def injected_nan_steps() -> set[int]:
     return {int(x) for x in spec.split(",") if x.strip()}
 
 
-def train_step(engines, task, batches, accum: int, timed: bool, poison: bool = False):
-    """One optimizer step = ``accum`` micro-batches.  Returns (loss, parts, timings, the
-    fraction of patch slots that hold real image)."""
+def train_step(engines, task, batches, accum: int, timed: bool, poison: bool = False, key: tuple = (0, 0, 0)):
+    """One optimizer step = ``accum`` micro-batches.  ``key`` = (seed, rank, step): every random
+    draw of micro-batch i comes from ``rng.step_seed(*key, i)``, so a resumed run repeats the
+    steps exactly.  Returns (loss, parts, timings, device scalars for the metrics: the fraction
+    of patch slots that hold real image, the model's own stats)."""
     from .engine import synchronize
+    from .rng import step_rng, step_seed
     from .task import batch_to_device
     eng = engines.student
     times = {"data_wait": 0.0, "teacher_forward": 0.0, "student_forward": 0.0, "student_backward": 0.0,
              "optimizer": 0.0}
-    loss_sum, parts_sum, fill = None, {}, 0.0
-    for _ in range(accum):
+    loss_sum, parts_sum, fill, stats = None, {}, 0.0, {}
+    for micro in range(accum):
         t0 = time.perf_counter()
         batch = next(batches)
         b = batch_to_device(batch, engines.device, engines.dtype)
         times["data_wait"] += time.perf_counter() - t0
         fill = fill + b["images"].valid.float().mean()  # real patches / patch slots (no sync)
-        out = task.training_forward(b, timed=timed)
-        if poison:
-            out.loss = out.loss * float("nan")
-        for k in ("teacher_forward", "student_forward"):
-            times[k] += out.timings.get(k, 0.0)
-        t1 = time.perf_counter()
-        eng.backward(out.loss)
+        with step_rng(step_seed(*key, micro), engines.device) as gen:
+            out = task.training_forward(b, timed=timed, generator=gen)
+            if poison:
+                out.loss = out.loss * float("nan")
+            for k in ("teacher_forward", "student_forward"):
+                times[k] += out.timings.get(k, 0.0)
+            t1 = time.perf_counter()
+            eng.backward(out.loss)
         if timed:
             synchronize()
         t2 = time.perf_counter()
@@ -107,17 +114,52 @@ def train_step(engines, task, batches, accum: int, timed: bool, poison: bool = F
             synchronize()
         times["optimizer"] += time.perf_counter() - t2
         loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
+        for k, v in out.stats.items():
+            stats[k] = stats.get(k, 0.0) + v.detach() / accum
         for k, v in out.parts.items():
             parts_sum[k] = v.detach() if k not in parts_sum else parts_sum[k] + v.detach()
-    return loss_sum / accum, {k: v / accum for k, v in parts_sum.items()}, times, fill / accum
+    return loss_sum / accum, {k: v / accum for k, v in parts_sum.items()}, times, {"data/patch_fill": fill / accum,
+                                                                                   **stats}
 
 
 def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSignal | None = None) -> dict:
-    """Build every part, resume if possible, train, checkpoint, evaluate.  Returns a summary."""
+    """Hold the run directory's lease, then build every part, resume if possible, train,
+    checkpoint, evaluate.  Returns a summary; raises ``LeaseHeld`` on every rank when another
+    job holds the directory."""
     import torch.distributed as dist
 
     from . import engine as eng_mod
-    from .checkpoint import Checkpointer
+    eng_mod.init_distributed(env, cfg.train.collective_timeout_s)
+    control = dist.new_group(backend="gloo") if env.world_size > 1 else None
+    lease = hold_lease(Path(cfg.train.output_dir), cfg.train.lease_ttl_s, env.is_main, control)
+    try:
+        return _run(cfg, env, ds_config, stop, control, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def hold_lease(run_dir: Path, ttl_s: float, is_main: bool, control):
+    """Rank 0 takes the run directory's lease; every rank learns the verdict."""
+    from .lease import LeaseHeld, RunLease
+    lease, refused = None, None
+    if is_main:
+        try:
+            lease = RunLease(run_dir, ttl_s).acquire()
+        except LeaseHeld as e:
+            refused = str(e)
+    refused = distributed.rank0_decides(refused, control)
+    if refused:
+        raise LeaseHeld(refused)
+    return lease
+
+
+def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSignal | None, control,
+         lease=None) -> dict:
+    import torch.distributed as dist
+
+    from . import engine as eng_mod
+    from .checkpoint import Checkpointer, tag_for
     from .data.pipeline import build_loader
     from .data.transforms import check_tokenizers, load_tokenizer
     from .labels import label_map_for
@@ -127,8 +169,8 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
 
     run_dir = Path(cfg.train.output_dir)
     setup_logging(env.rank, str(run_dir))
-    eng_mod.init_distributed(env, cfg.train.collective_timeout_s)
-    control = dist.new_group(backend="gloo") if env.world_size > 1 else None
+    if lease is not None and lease.took_over:
+        log.warning("took the run directory's lease over from %s", lease.took_over)
     stop = stop or StopSignal()
 
     seed_all(cfg.train.seed)  # identical initial replicas on every rank
@@ -145,7 +187,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     ckpt = Checkpointer(run_dir, cfg.train.keep_last)
     st = TrainState()
     seed_all(cfg.train.seed * 1000 + env.rank)  # per-rank streams for dropout and negative mining
-    saved = ckpt.resume(engines.student)
+    saved = ckpt.resume(engines.student, group=control)
     if saved is not None:
         s = saved["state"]
         st.step, st.samples_seen, st.best = s["step"], s["samples_seen"], s.get("best")
@@ -192,7 +234,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     def save_checkpoint() -> None:
         """This step's checkpoint, unless one is complete already (rank 0's view decides)."""
         done = (ckpt.dir / f"step_{st.step:08d}" / "COMPLETE.json").exists()
-        if not agree(env.is_main and done, control):
+        if not distributed.rank0_decides(done, control):
             ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
     log.info("training %s: %d steps, global batch %d (micro %d x accum %d x world %d), ZeRO-%d, %s, teacher %s",
              cfg.train.task, cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.micro_batch_size, accum,
@@ -201,15 +243,17 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     try:
         while st.step < cfg.train.max_steps:
             log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
-            loss, parts, times, fill = train_step(engines, task, batches, accum, timed=log_now,
-                                                  poison=st.step + 1 in nan_steps)
+            loss, parts, times, scalars = train_step(engines, task, batches, accum, timed=log_now,
+                                                  poison=st.step + 1 in nan_steps,
+                                                  key=(cfg.train.seed, env.rank, st.step))
             st.step += 1
             st.samples_seen += cfg.train.global_batch_size
             # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
             skipped_now = engines.student.skipped_steps
-            st.bad_steps = st.bad_steps + 1 if skipped_now > skipped_before else 0
+            bad = is_bad_step(skipped_now > skipped_before, cfg.train.precision, loss, control)
+            st.bad_steps = st.bad_steps + 1 if bad else 0
             skipped_before = skipped_now
-            metrics.add_step(parts, loss, times, {"data/patch_fill": fill})
+            metrics.add_step(parts, loss, times, scalars)
             if log_now:
                 skipped, seen = loader.counters()
                 extra = {"optim/lr": engines.student.get_lr()[0], "optim/loss_scale": eng_mod.loss_scale(engines.student),
@@ -228,11 +272,11 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
                 exit_code = 3
                 break
             if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards \
-                    and cfg.train.task != "itm" and st.step < cfg.train.max_steps:
+                    and evaluates(cfg) and st.step < cfg.train.max_steps:
                 last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step)}
                 keep_if_best(st, last_eval["result"], save_checkpoint, engines.student_module, cfg, env.is_main,
                              control)
-            if agree(stop.received is not None, control):
+            if distributed.any_rank(stop.received is not None, control):
                 log.warning("stop signal received: checkpointing at step %d and exiting for requeue", st.step)
                 save_checkpoint()
                 exit_code = REQUEUE_EXIT_CODE
@@ -246,7 +290,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
     summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
     if exit_code == 0:
         save_checkpoint()
-        if cfg.data.val_shards and cfg.train.task != "itm":
+        if cfg.data.val_shards and evaluates(cfg):
             if last_eval.get("step") == st.step:  # evaluated at this very step already
                 summary["eval"] = last_eval["result"]
             else:
@@ -255,7 +299,7 @@ def run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSig
             summary["best"] = st.best
         if env.is_main:
             from .export import export_from_checkpoint
-            export_from_checkpoint(run_dir, run_dir / "export", engines.student_module)
+            export_from_checkpoint(run_dir, run_dir / "export", engines.student_module, tag_for(st.step))
         summary["export"] = str(run_dir / "export")
     if "eval" in summary:
         metrics.hparams({"task": cfg.train.task, "lr": cfg.optim.lr, "global_batch": cfg.train.global_batch_size,
@@ -293,7 +337,9 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     module = engines.student_module
     was = module.training
     module.eval()
-    s = module(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"), capture=True)
+    gen = torch.Generator(device=b["input_ids"].device).manual_seed(cfg.train.seed)  # the same negatives every time
+    s = module(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"), capture=True,
+               **({"generator": gen} if cfg.train.task == "itm" else {}))
     module.train(was)
     t_qk = task.teacher_forward(b, s.rows, capture=True).qk
     if metrics.writer is None:
@@ -320,14 +366,15 @@ def keep_if_best(st: TrainState, result: dict, save_checkpoint, module, cfg, is_
     verdict is the one all follow (the save is collective).  Not inside a streak of
     non-finite steps.  The best score is part of the resumable state."""
     better = st.bad_steps == 0 and (st.best is None or result["accuracy"] > st.best["accuracy"])
-    if not agree(is_main and better, control):
+    if not distributed.rank0_decides(better, control):
         return
     st.best = {"step": st.step, "accuracy": result["accuracy"]}
     save_checkpoint()
     if is_main:
+        from .checkpoint import tag_for
         from .export import export_from_checkpoint
         best = Path(cfg.train.output_dir) / "best"
-        export_from_checkpoint(Path(cfg.train.output_dir), best, module)
+        export_from_checkpoint(Path(cfg.train.output_dir), best, module, tag_for(st.step))
         (best / "best.json").write_text(json.dumps({**st.best, "split": cfg.data.val_shards}, indent=2))
         log.info("new best on the dev split: %.4f at step %d -> %s", st.best["accuracy"], st.step, best)
 
@@ -351,12 +398,29 @@ def _own_state(st: TrainState, loader, task) -> dict:
     return state
 
 
+def evaluates(cfg) -> bool:
+    """Whether the run evaluates on data.val_shards: every task of the dual encoder (ITM by
+    contrastive retrieval recall), the classification tasks of a fusion student."""
+    return cfg.train.task != "itm" or cfg.student.kind == "dual"
+
+
 def _evaluate(cfg, engines, metrics, step) -> dict:
+    """Dev-split evaluation; ``accuracy`` is the selection score (ITM pre-training: the mean of
+    text->image and image->text recall@1 of the contrastive embeddings)."""
     from .data.pipeline import build_loader
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_retrieval
     loader = build_loader(cfg, "val", batch_size=max(cfg.train.micro_batch_size, 32))
-    res = evaluate(engines.student_module, loader, cfg.train.task, engines.device, engines.dtype,
-                   max_batches=cfg.train.eval_batches)
+    module = engines.student_module
+    if cfg.train.task == "itm":
+        was = module.training
+        res = evaluate_retrieval(module, loader, "itc", engines.device, engines.dtype,
+                                 max_batches=cfg.train.eval_batches, prepare=False)
+        module.train(was)
+        res["per_type"] = {k: v for k, v in res.items() if "_r@" in k}
+        res["accuracy"] = (res["t2i_r@1"] + res["i2t_r@1"]) / 2
+    else:
+        res = evaluate(module, loader, cfg.train.task, engines.device, engines.dtype,
+                       max_batches=cfg.train.eval_batches)
     metrics.scalars({"eval/accuracy": res["accuracy"], **{f"eval/acc_{k}": v for k, v in res["per_type"].items()}},
                     step)
     log.info("eval step %d: accuracy %.4f  %s", step, res["accuracy"],
@@ -416,7 +480,12 @@ def main(argv: list[str] | None = None, prog: str = "dide-pretrain", stop: StopS
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg, env, ds, stop)
+    from .lease import LeaseHeld
+    try:
+        summary = run(cfg, env, ds, stop)
+    except LeaseHeld as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     return summary["exit_code"]
 
 

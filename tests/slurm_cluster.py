@@ -183,6 +183,7 @@ JobCompLoc={self.root}/jobcomp.txt
 SchedulerParameters=sched_interval=1,bf_interval=1
 EnforcePartLimits=ALL
 KillWait=10
+KillOnBadExit=1
 MinJobAge=600
 SlurmdTimeout=60
 {nodes}

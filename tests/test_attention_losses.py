@@ -143,7 +143,7 @@ def test_contrastive_and_mining():
     ref = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6)))
     assert torch.allclose(got, ref, atol=1e-6)
     for _ in range(20):
-        neg_img, neg_txt = losses.mine_hard_negatives(te, ie)
+        neg_img, neg_txt, _ = losses.mine_hard_negatives(te, ie)
         assert (neg_img != torch.arange(6)).all() and (neg_txt != torch.arange(6)).all()
     # the hardest negative is chosen most often
     sim = te @ ie.t()
@@ -151,7 +151,7 @@ def test_contrastive_and_mining():
     counts = torch.zeros(6, 6)
     torch.manual_seed(0)
     for _ in range(300):
-        neg_img, _ = losses.mine_hard_negatives(te, ie)
+        neg_img, _, _ = losses.mine_hard_negatives(te, ie)
         counts[torch.arange(6), neg_img] += 1
     assert (counts.argmax(1) == sim.argmax(1)).float().mean() >= 0.5
 

@@ -18,7 +18,7 @@ def test_srun_step_environment():
     env = detect({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0",
                   "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "1234", "DIDE_MASTER_ADDR": "gpu07"})
     assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.launcher) == (5, 1, 8, "gpu07", "srun")
-    assert env.master_port == 20000 + 1234 % 20000
+    assert env.master_port == 10000 + 1234 % 20000
     with pytest.raises(RuntimeError, match="SLURM_NTASKS"):
         detect({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "a",
                 "SLURM_JOB_ID": "1"})

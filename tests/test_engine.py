@@ -6,15 +6,20 @@ import torch
 from conftest import labelled, tiny_overrides
 from dist_utils import run_ranks
 
-STAGES = [1, 2, 3]
+# (student ZeRO stage, teacher.zero_stage): the last one partitions the teacher under a ZeRO-2
+# student, as the paper preset can
+STAGES = [(1, None), (2, None), (3, None), (2, 3)]
 
 
 def _cfg(shards, out, teacher, stage, micro, world):
     from dide_scale.config import load_config
+    s, t = stage
     return load_config("debug", tiny_overrides(shards, out, **{
         "teacher.path": teacher, "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0, "loss.soft_label": 1.0,
-        "loss.ground_truth": 1.0, "train.zero_stage": stage, "train.global_batch_size": 8,
-        "train.micro_batch_size": micro, "optim.warmup_fraction": 0.0}), world_size=world)
+        "loss.ground_truth": 1.0, "train.zero_stage": s, "train.global_batch_size": 8,
+        "train.micro_batch_size": micro, "optim.warmup_fraction": 0.0,
+        "teacher.zero_stage": "null" if t is None else t,
+        "teacher.param_persistence_threshold": 0}), world_size=world)  # a tiny teacher: partition everything
 
 
 def _global_batch(cfg):
@@ -56,14 +61,15 @@ def zero_worker(args):
     engine.init_distributed(env, 120)
     out = {}
     for stage in STAGES:
-        cfg = _cfg(args["shards"], Path(args["tmp"]) / f"r{stage}", args["teacher"], stage, 4, env.world_size)
+        cfg = _cfg(args["shards"], Path(args["tmp"]) / f"r{stage[0]}_{stage[1]}", args["teacher"], stage, 4,
+                   env.world_size)
         batch = _global_batch(cfg)
         loss, parts, sd, fraction, unchanged = _one_step(cfg, [_half(batch, env.rank)], 1)
         vals = torch.stack([loss, *[parts[k] for k in sorted(parts)]])
         dist.all_reduce(vals)
-        path = Path(args["tmp"]) / f"params_stage{stage}_rank{env.rank}.pt"
+        path = Path(args["tmp"]) / f"params_stage{stage[0]}_{stage[1]}_rank{env.rank}.pt"
         torch.save(sd, path)
-        out[stage] = {"loss": (vals / env.world_size).tolist(), "params": str(path), "teacher_fraction": fraction,
+        out[f"{stage[0]}_{stage[1]}"] = {"loss": (vals / env.world_size).tolist(), "params": str(path), "teacher_fraction": fraction,
                       "teacher_unchanged": unchanged}
     return out
 
@@ -88,19 +94,19 @@ def test_two_ranks_match_one_process_at_every_zero_stage(demo_shards, teacher_di
     engine.init_distributed(distributed.detect(), 120)
     for stage in STAGES:
         # reference: one process, same global batch as 2 micro-batches of 4 (what 2 ranks average)
-        cfg = _cfg(demo_shards, tmp_path / f"ref{stage}", str(teacher_dir), stage, 4, 1)
+        cfg = _cfg(demo_shards, tmp_path / f"ref{stage[0]}_{stage[1]}", str(teacher_dir), stage, 4, 1)
         batch = _global_batch(cfg)
         loss, parts, ref_sd, fraction, unchanged = _one_step(cfg, [_half(batch, 0), _half(batch, 1)], 2)
         ref_vals = [loss.item(), *[parts[k].item() for k in sorted(parts)]]
         assert unchanged and fraction == 1.0
         for rank, res in enumerate(results):
-            r = res[str(stage)]
+            r = res[f"{stage[0]}_{stage[1]}"]
             assert r["teacher_unchanged"], (stage, rank)
             assert r["loss"] == pytest.approx(ref_vals, rel=1e-5, abs=1e-6), (stage, rank)
             sd = torch.load(r["params"], weights_only=True)
             for k, v in ref_sd.items():
                 assert torch.allclose(sd[k], v, rtol=1e-4, atol=1e-6), (stage, rank, k, (sd[k] - v).abs().max())
-            if stage == 3:  # the teacher is partitioned: each rank holds about half of it
+            if 3 in stage:  # the teacher is partitioned: each rank holds about half of it
                 assert 0.4 < r["teacher_fraction"] < 0.6, r["teacher_fraction"]
             else:
                 assert r["teacher_fraction"] == 1.0

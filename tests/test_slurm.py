@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-STEPS = 30  # ~0.05 s each: a window to signal in, and still seconds in all
+STEPS = 80  # ~0.05 s each: a window of seconds to signal in (SLURM takes up to ~1 s to deliver), and still seconds in all
 RUN = {"train.max_steps": STEPS, "train.global_batch_size": 16, "train.micro_batch_size": 4,
        "train.log_every": 1, "data.num_workers": 0}
 JOB_TIMEOUT = 150  # a cold DeepSpeed start is ~10 s here; a requeue adds ~6 s
@@ -153,7 +153,7 @@ def test_pretrain_sbatch_two_nodes(slurm, reference_run):
     assert summary["step"] == STEPS and summary["exit_code"] == 0
     assert "world 2" in (run_dir / "logs" / "rank000.log").read_text()  # one rank per node, one process group
     assert (run_dir / "logs" / "rank001.log").exists()
-    assert complete_checkpoints(run_dir) == [10, 20, 30]
+    assert complete_checkpoints(run_dir) == [STEPS - 20, STEPS - 10, STEPS]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))
@@ -194,11 +194,13 @@ def test_pretrain_sbatch_requeued_by_slurm(slurm, job_env, reference_run, demo_s
 
 def test_dide_submit_slurm_preempted_and_requeued(slurm, job_env, reference_run, demo_shards, tmp_path):
     """dide-submit (submitit's slurm executor): 2 nodes; submitit's own warning signal
-    (USR2) on the steps; every rank checkpoints, rank 0 requeues, results come back."""
+    (USR2) on the steps; every rank checkpoints, rank 0 requeues, results come back.  The
+    cluster runs with KillOnBadExit=1: a rank that exits non-zero before rank 0 has requeued
+    would have the job killed and never requeued."""
     run_dir = tmp_path / "run"
     t0 = time.time()
     cmd = [str(VENV_BIN / "dide-submit"), "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1",
-           "--time", "10", "--partition", "debug", "--wait", "--config", "debug",
+           "--time", "10", "--partition", "debug", "--mem-gb", "1", "--wait", "--config", "debug",
            *tiny_overrides(demo_shards, run_dir, **RUN)]
     proc = subprocess.Popen(cmd, env=job_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

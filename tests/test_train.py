@@ -122,15 +122,19 @@ def test_export_reloads_without_deepspeed_and_matches(tmp_path):
 
 
 def test_bf16_with_activation_checkpointing_and_distillation(demo_shards, teacher_dir, tmp_path):
-    """bf16 on the DeepSpeed engine (CPU supports it), the teacher cast to the student's
-    dtype, activation checkpointing in both towers; fp16 on a CPU fails before starting."""
+    """bf16 on the DeepSpeed engine (CPU supports it) at ZeRO-2 with fp32 gradient accumulation and
+    reductions, the teacher cast to the student's dtype, activation checkpointing in both towers,
+    an export from the checkpoint; fp16 on a CPU fails before starting."""
     out = tmp_path / "bf16"
     assert main(["--config", "debug", *tiny_overrides(demo_shards, out, **{
         "train.precision": "bf16", "student.grad_checkpointing": True, "teacher.path": str(teacher_dir),
-        "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0, "loss.soft_label": 1.0})]) == 0
+        "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0, "loss.soft_label": 1.0, "train.zero_stage": 2})]) == 0
     hist = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(h["loss/loss"])) for h in hist)
-    assert json.loads((out / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["bf16"]["enabled"] is True  # 2 micro-batches per step, accumulated and reduced in fp32
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
+    assert load_pretrained(out / "export").task == "vqa"
     if not torch.cuda.is_available():
         assert main(["--config", "debug", *tiny_overrides(demo_shards, tmp_path / "fp16"),
                      "train.precision=fp16"]) == 2

@@ -253,10 +253,13 @@ class ResumableLoader:
             self.ds.rotation = self.next_worker
             self.ds.resume = dict(self.workers_state)
             self.ds.epoch = self.epoch
+            # a generator of its own: a new iterator must not draw its worker seeds from the global
+            # RNG (every random choice of the stream is seeded by its position anyway)
             loader = DataLoader(self.ds, batch_size=None, num_workers=nw, pin_memory=self.pin,
                                 persistent_workers=False, prefetch_factor=4 if nw else None,
                                 multiprocessing_context="fork" if nw else None,
-                                worker_init_fn=_worker_ignores_stop_signals if nw else None)
+                                worker_init_fn=_worker_ignores_stop_signals if nw else None,
+                                generator=torch.Generator().manual_seed(self.ds.seed))
             for batch in loader:
                 w = batch.pop("_worker")
                 self.workers_state[w] = batch.pop("_state")

@@ -15,7 +15,9 @@ way).  Preemption and the time-limit warning:
   checkpoint together and return ``REQUEUE_EXIT_CODE``.
 * After a warning (USR2/USR1), rank 0 hands over to submitit's requeue path
   (``checkpoint()`` -> a ``DelayedSubmission`` of the same job, dumped; ``scontrol
-  requeue``, or the local executor's restart code).  After a SIGTERM (preemption,
+  requeue``, or the local executor's restart code).  The other ranks wait until rank 0 has
+  asked for the requeue and exit with code 0: with ``KillOnBadExit`` a non-zero exit would
+  let srun kill rank 0 first.  After a SIGTERM (preemption,
   ``scancel``, ``scontrol requeue``) SLURM decides whether the job comes back.  Either way
   no task writes a result, so a requeued job writes them when it finishes; it resumes from
   the checkpoint: the state lives in ``train.output_dir``, never in the pickle.
@@ -155,18 +157,25 @@ class TrainJob(_Checkpointable):
         """Submitit's own preemption path, entered after every rank has checkpointed.  As in
         submitit, a stop late in the time limit counts as a time-out (at most
         ``--max-timeouts`` of those); a preemption does not count."""
-        from .. import train
+        marker = Path(env.paths.folder) / f"{env.job_id}.requeue-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
         if env.global_rank != 0:
-            # no result file from this task: the requeued job writes it (SystemExit is not
-            # caught by submitit; an Exception would be reported as the job's failure)
-            sys.exit(train.REQUEUE_EXIT_CODE)
+            # Exit cleanly, and only once rank 0 has asked for the requeue: a non-zero exit
+            # here would let srun (KillOnBadExit) kill rank 0 before it requeues, and the job
+            # would never come back.  No result file from this task: the requeued job writes
+            # it (SystemExit is not caught by submitit).
+            deadline = time.time() + 120
+            while not marker.exists() and time.time() < deadline:
+                time.sleep(0.2)
+            sys.exit(0)
         from submitit.core.job_environment import SignalHandler
         from submitit.core.utils import DelayedSubmission
         delayed = DelayedSubmission.load(env.paths.submitted_pickle)
         handler = SignalHandler(env, env.paths, delayed)
         handler._start_time = started  # the job's start, not now: time-out vs preemption
-        # -> self.checkpoint(), dump, `scontrol requeue` (slurm) / exit 144 (local), sys.exit
-        handler.checkpoint_and_try_requeue(signum)
+        try:  # -> self.checkpoint(), dump, `scontrol requeue` (slurm) / exit 144 (local), sys.exit
+            handler.checkpoint_and_try_requeue(signum)
+        finally:
+            marker.write_text("requeue requested\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPUs per node (default: $SBATCH_GPUS_PER_NODE, applied by sbatch itself, or 0)")
     ap.add_argument("--tasks-per-node", type=int, default=None,
                     help="ranks per node (default: one per GPU, or 1 without GPUs)")
-    ap.add_argument("--cpus-per-task", type=int, default=None)
-    ap.add_argument("--mem-gb", type=float, default=None)
+    ap.add_argument("--cpus-per-task", type=int, default=None,
+                    help="CPUs per rank (default: data.num_workers + 2: the rank, its data workers, one spare)")
+    ap.add_argument("--mem-gb", type=float, default=None,
+                    help="memory per node in GB (default: ranks per node x (6 + 2 x data.num_workers))")
     ap.add_argument("--time", type=int, default=minutes(env("SBATCH_TIMELIMIT") or "60"),
                     help="time limit in minutes (default: $SBATCH_TIMELIMIT or 60)")
     ap.add_argument("--partition", default=env("SBATCH_PARTITION"), help="(default: $SBATCH_PARTITION)")
@@ -214,15 +225,25 @@ def tasks_per_node(args) -> int:
     return args.tasks_per_node or max(gpus, 1)
 
 
-def make_executor(args, folder: str):
+def resources(args, num_workers: int) -> tuple[int, float]:
+    """(CPUs per task, memory in GB per node): a rank needs a core for itself, one per
+    data-loader worker, and one for pinning and the communication threads; memory grows
+    with the workers' prefetched batches.  --cpus-per-task / --mem-gb override."""
+    cpus = args.cpus_per_task or num_workers + 2
+    mem = args.mem_gb if args.mem_gb is not None else tasks_per_node(args) * (6.0 + 2.0 * num_workers)
+    return cpus, mem
+
+
+def make_executor(args, folder: str, num_workers: int = 0):
     import submitit
     cluster = None if args.cluster == "auto" else args.cluster
     kw = {"slurm_max_num_timeout": args.max_timeouts, "local_max_num_timeout": args.max_timeouts}
     if args.python:
         kw.update(slurm_python=args.python, local_python=args.python)
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kw)
+    cpus, mem = resources(args, num_workers)
     params = dict(name=args.name, timeout_min=args.time, nodes=args.nodes, tasks_per_node=tasks_per_node(args),
-                  cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+                  cpus_per_task=cpus, mem_gb=mem)
     if ex.cluster == "slurm":
         if args.gpus_per_node is not None:  # else sbatch applies $SBATCH_GPUS_PER_NODE (type included) itself
             os.environ.pop("SBATCH_GPUS_PER_NODE", None)
@@ -260,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.train.output_dir).resolve()
     config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
     overrides = [*args.overrides, f"train.output_dir={run_dir}"]  # the job's cwd may differ
-    ex = make_executor(args, args.folder or str(run_dir / "submitit"))
+    ex = make_executor(args, args.folder or str(run_dir / "submitit"), cfg.data.num_workers)
     port = distributed.free_port() if ex.cluster != "slurm" else None
     job = ex.submit(TrainJob(config, overrides, str(run_dir), port))
-    print(f"submitted {ex.cluster} job {job.job_id}: {world} rank(s) on {args.nodes} node(s)\n"
+    cpus, mem = resources(args, cfg.data.num_workers)
+    print(f"submitted {ex.cluster} job {job.job_id}: {world} rank(s) on {args.nodes} node(s), {cpus} CPUs per rank, "
+          f"{mem:g} GB per node\n"
           f"  run dir: {run_dir}\n  logs:    {job.paths.folder}/{job.job_id}_<rank>_log.out|err", flush=True)
     if not args.wait:
         return 0

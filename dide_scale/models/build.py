@@ -290,6 +290,7 @@ def build_student(cfg) -> nn.Module:
         return model
     student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer, cfg.loss.itc_temperature)
     student.negatives_across_ranks = cfg.loss.itm_negatives == "global"
+    student.exchange_factor = cfg.loss.itm_exchange_capacity
     student.labels = student_labels(cfg)
     init_student(student, cfg.student.init)
     if cfg.student.grad_checkpointing:

@@ -174,11 +174,11 @@ def joint_passes(joint, images: Images, input_ids, attention_mask, images2: Imag
 def random_negative_rows(b: int, device, generator: torch.Generator | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(text_idx, image_idx) [3B]: B positives, B (text, another image), B (another text, image);
-    "another" is uniform over the rest of the micro-batch, drawn from ``generator`` (a CPU
-    generator; the global one when None)."""
+    "another" is uniform over the rest of the micro-batch, drawn on ``device`` from
+    ``generator`` (on that device; the global RNG when None)."""
     if b < 2:
         raise ValueError("ITM negatives need a micro-batch of at least 2 pairs")
     ar = torch.arange(b, device=device)
-    other_img = (ar + torch.randint(1, b, (b,), generator=generator).to(device)) % b
-    other_txt = (ar + torch.randint(1, b, (b,), generator=generator).to(device)) % b
+    other_img = (ar + torch.randint(1, b, (b,), generator=generator, device=device)) % b
+    other_txt = (ar + torch.randint(1, b, (b,), generator=generator, device=device)) % b
     return torch.cat([ar, ar, other_txt]), torch.cat([ar, other_img, ar])

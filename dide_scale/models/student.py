@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from ..losses import contrastive, gather_rows, mine_hard_negatives
+from ..distributed import exchange_capacity, gather_rows, world_size
+from ..losses import contrastive, mine_hard_negatives
 from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
 from .images import Images, Normalize
 
@@ -61,14 +62,19 @@ def naflex_vit(shape: TowerShape, drop_path: float = 0.0) -> NaFlexVit:
     """timm's NaFlexViT over patch sequences, set up as ViLT embeds images: a linear patch
     embedding, a [CLS] token, and a learned position table over ``shape.image_size`` that is
     interpolated to each image's own grid (bilinear, corners aligned, sampled at the patch
-    coordinates so shapes stay static).  Pre-LN timm ``Block``s, final LayerNorm."""
+    coordinates so shapes stay static).  Pre-LN timm ``Block``s, final LayerNorm; initialised as
+    timm's classic ``VisionTransformer``."""
     grid = (shape.image_size[0] // shape.patch_size, shape.image_size[1] // shape.patch_size)
     cfg = NaFlexVitCfg(
         patch_size=shape.patch_size, embed_dim=shape.width, depth=shape.depth, num_heads=shape.heads,
         mlp_ratio=shape.mlp_ratio, class_token=True, global_pool="token", pos_embed_grid_size=grid,
         pos_embed_interp_mode="bilinear", pos_embed_align_corners=True, pos_embed_antialias=False,
-        pos_embed_use_grid_sample=True, use_key_only_attn_mask=True, drop_path_rate=drop_path)
-    return NaFlexVit(cfg, num_classes=0)
+        pos_embed_use_grid_sample=True, use_key_only_attn_mask=True, drop_path_rate=drop_path, fix_init=False)
+    vit = NaFlexVit(cfg, num_classes=0)
+    # the initialisation of timm's classic ViT: its Conv2d patch embedding keeps PyTorch's
+    # default init (a Linear's is the same distribution), not the trunc-normal 0.02 of other Linears
+    vit.embeds.proj.reset_parameters()
+    return vit
 
 
 def mlp_head(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
@@ -171,13 +177,15 @@ class StudentOutput:
     ``logits``; ``qk`` one CrossQK per image pass when capturing; ``rows`` for ITM: the
     inputs of every scored (text, image) row (``images``, ``input_ids``, ``attention_mask``;
     negatives may come from other ranks), which the teacher scores too; ``itc_loss``;
-    ``states`` one JointStates per image pass of a fusion model asked for ``layers``."""
+    ``states`` one JointStates per image pass of a fusion model asked for ``layers``;
+    ``stats`` device scalars for monitoring (e.g. ITM negatives replaced by local ones)."""
 
     logits: torch.Tensor | None
     qk: list[CrossQK]
     rows: dict | None = None
     itc_loss: torch.Tensor | None = None
     states: list[JointStates] = field(default_factory=list)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # device scalars for the metrics
 
 
 class DualEncoder(nn.Module):
@@ -211,6 +219,7 @@ class DualEncoder(nn.Module):
         # log(1 / loss.itc_temperature); 1-d: DeepSpeed broadcasts bytes views
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / itc_temperature)))
         self.negatives_across_ranks = True  # ITM hard negatives from every rank's micro-batch (loss.itm_negatives)
+        self.exchange_factor = 2.0  # rows asked of each rank: this x an even share (loss.itm_exchange_capacity)
 
     # -- towers --------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -256,14 +265,15 @@ class DualEncoder(nn.Module):
         return F.normalize(self.itc_text(text_cls), dim=-1), F.normalize(self.itc_image(image_cls), dim=-1)
 
     def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
-                capture: bool = False, itc: bool = False) -> "StudentOutput":
+                capture: bool = False, itc: bool = False, generator: torch.Generator | None = None) -> "StudentOutput":
         """The student's whole share of a training/eval step (one module call, so DeepSpeed
         ZeRO-3 gathers every parameter it touches).
 
         For ``task='itm'`` the rows are [positives; (text, hard-negative image);
         (hard-negative text, image)], the negatives mined over every rank's micro-batch
         (``negatives_across_ranks``) from similarities scaled by the contrastive temperature,
-        and fetched with gradient; ``rows`` holds each row's inputs.
+        and fetched with gradient (negatives drawn from ``generator``, on the batch's device);
+        ``rows`` holds each row's inputs.
         """
         self.set_capture(capture)
         text = self.encode_text(input_ids, attention_mask)
@@ -277,11 +287,16 @@ class DualEncoder(nn.Module):
             if itc:
                 out.itc_loss = contrastive(t_emb, i_emb, scale)
             across = self.negatives_across_ranks
-            neg_img, neg_txt = mine_hard_negatives(t_emb, i_emb, scale.detach(), across)
+            cap = exchange_capacity(len(images), world_size(), self.exchange_factor) if across else None
+            neg_img, neg_txt, out.stats["itm/local_fallback"] = mine_hard_negatives(
+                t_emb, i_emb, scale.detach(), across, generator, cap)
             q = qk[0] if capture else None
             img_side = [i_cls, *images.tensors()] + ([q.q_image, q.k_image] if capture else [])
             txt_side = [t_cls, input_ids, attention_mask] + ([q.q_text, q.k_text] if capture else [])
-            neg_i, neg_t = gather_rows(img_side, neg_img, across), gather_rows(txt_side, neg_txt, across)
+            if across:
+                neg_i, neg_t = gather_rows(img_side, neg_img, cap), gather_rows(txt_side, neg_txt, cap)
+            else:
+                neg_i, neg_t = [t[neg_img] for t in img_side], [t[neg_txt] for t in txt_side]
 
             # rows: [positives; (text, negative image); (negative text, image)]
             def text_rows(k):
