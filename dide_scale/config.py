@@ -189,6 +189,16 @@ class DataConfig:
     """Data-loader worker processes per rank."""
     open_shards: int = 4
     """Shards each worker reads interleaved (the mixing that replaces a shuffle buffer)."""
+    read_retries: int = 5
+    """Retries of a shard read that failed with a passing error (connection, timeout, HTTP 5xx),
+    each resuming where the read stopped; then the shard is skipped and counted."""
+    retry_backoff_s: float = 1.0
+    """Wait before the first retry; it doubles with each retry (at most 30 s)."""
+    read_timeout_s: float = 60.0
+    """A remote read that returns nothing for this long fails (and is retried)."""
+    stall_timeout_s: float = 300.0
+    """No batch for this long ends the run with an error naming the shards the workers are
+    reading (0 disables; needs data.num_workers > 0)."""
     tokenizer: str = "bert-base-uncased"
     """A transformers tokenizer directory or hub id; 'builtin:demo' for the demo vocabulary."""
     max_image_pixels: int = 40_000_000
@@ -407,6 +417,9 @@ class RunConfig:
         if d.image_resize == "stretch" and (d.image_shorter % p or d.image_longer % p):
             raise ConfigError(f"data.image_resize=stretch needs data.image_shorter={d.image_shorter} and "
                               f"data.image_longer={d.image_longer} to be multiples of student.arch.patch_size={p}")
+        if d.read_retries < 0 or d.retry_backoff_s < 0 or d.read_timeout_s <= 0 or d.stall_timeout_s < 0:
+            raise ConfigError("data.read_retries / retry_backoff_s must be >= 0, data.read_timeout_s > 0, "
+                              "data.stall_timeout_s >= 0")
         if d.randaugment_ops < 0 or not 0 <= d.randaugment_magnitude <= 30:
             raise ConfigError("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in 0..30")
 

@@ -25,9 +25,16 @@ def model_logits(model, b: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches: int = 0,
-             answers: list[str] | None = None, progress: bool = False) -> dict:
+             answers: list[str] | None = None, progress: bool = False, group=None) -> dict:
     """Runs ``model`` over ``loader`` once. Returns {'accuracy', 'n', 'per_type': {...}} and,
-    for VQA, 'predictions' [{'question_id', 'answer'}] when ``answers`` is given."""
+    for VQA, 'predictions' [{'question_id', 'answer'}] when ``answers`` is given.
+
+    In a process group, each rank's ``loader`` reads its own share of the split
+    (``pipeline.eval_share``): the ranks run their forward passes in lock-step (a rank out of
+    data repeats its last batch, uncounted, so ZeRO-3's collective parameter gathers match)
+    and the sums are added over ranks, so every rank returns what one process reading the
+    whole split would.  ``max_batches`` caps each rank's batches."""
+    from .distributed import any_rank, world_size
     was_training = model.training
     model.eval()
     if task == "itm":
@@ -36,12 +43,23 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
     n = 0
     per_type: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     predictions = []
-    it = tqdm(loader, desc="eval", disable=not progress, leave=False)
-    for i, batch in enumerate(it):
-        if max_batches and i >= max_batches:
+    lockstep = world_size() > 1
+    it = iter(tqdm(loader, desc="eval", disable=not progress, leave=False))
+    last, i = None, 0
+    while True:
+        batch = None if max_batches and i >= max_batches else next(it, None)
+        have = batch is not None
+        if not (any_rank(have, group) if lockstep else have):
             break
-        b = batch_to_device(batch, device, dtype)
+        i += 1
+        last = batch if have else last
+        if last is None:
+            raise RuntimeError("a rank has no evaluation batch while others have: give the split at least as "
+                               "many shards as ranks")
+        b = batch_to_device(last, device, dtype)
         logits = model_logits(model, b).float()
+        if not have:
+            continue
         pred = logits.argmax(-1)
         if task == "vqa":  # VQA score: the soft score of the predicted answer
             scores = b["labels"].gather(1, pred[:, None]).squeeze(1)
@@ -57,11 +75,27 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
             per_type[qt][0] += s
             per_type[qt][1] += 1
     model.train(was_training)
+    if lockstep:
+        score_sum, n, per_type = _sum_over_ranks(score_sum, n, per_type, group)
     out = {"accuracy": score_sum / max(1, n), "n": n,
            "per_type": {k: v[0] / v[1] for k, v in sorted(per_type.items())}}
     if predictions:
         out["predictions"] = predictions
     return out
+
+
+def _sum_over_ranks(score_sum: float, n: int, per_type: dict, group=None):
+    import torch.distributed as dist
+    from .distributed import world_size
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, (score_sum, n, dict(per_type)), group=group)
+    total, count, types = 0.0, 0, defaultdict(lambda: [0.0, 0])
+    for s, c, pt in parts:
+        total, count = total + s, count + c
+        for k, (a, m) in pt.items():
+            types[k][0] += a
+            types[k][1] += m
+    return total, count, types
 
 
 @torch.no_grad()

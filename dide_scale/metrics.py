@@ -134,8 +134,10 @@ class MetricsLogger:
             self.times[k] += v
         self.steps += 1
 
-    def log(self, step: int, extra: dict[str, float], counters: dict[str, dict[str, float]]) -> dict[str, float]:
-        """Reduce across ranks, write, print; returns the scalars written."""
+    def log(self, step: int, extra: dict[str, float], counters: dict[str, dict[str, float]],
+            sums: dict[str, float] | None = None) -> dict[str, float]:
+        """Reduce across ranks, write, print; returns the scalars written.  ``counters`` (name ->
+        count, names may differ between ranks) and ``sums`` are summed over ranks."""
         now = time.perf_counter()
         elapsed = max(1e-9, now - self.t_last)
         names = sorted(self.parts)
@@ -159,6 +161,8 @@ class MetricsLogger:
             out["memory/device_allocated_gb"] = torch.cuda.memory_allocated() / 2 ** 30
             out["memory/device_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out.update(extra)
+        if sums:
+            out.update(_reduce_sum_counts(sums))
         for group, counts in counters.items():
             reduced = _reduce_sum_counts(counts)
             out[f"{group}_total"] = float(sum(reduced.values()))

@@ -160,7 +160,7 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
 
     from . import engine as eng_mod
     from .checkpoint import Checkpointer, tag_for
-    from .data.pipeline import build_loader
+    from .data.pipeline import DataWaitInterrupted, build_loader
     from .data.transforms import check_tokenizers, load_tokenizer
     from .labels import label_map_for
     from .metrics import MetricsLogger, model_flops_per_sample, peak_flops, setup_logging
@@ -183,7 +183,8 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
     if teacher is not None:
         check_tokenizers(tok, cfg.teacher.path)
     engines = eng_mod.build_engines(cfg, ds_config, student, teacher)
-    loader = build_loader(cfg, "train", env.rank, env.world_size)
+    loader = build_loader(cfg, "train", env.rank, env.world_size, status_dir=str(run_dir / "logs" / "data"),
+                          interrupt=lambda: stop.received is not None)
     ckpt = Checkpointer(run_dir, cfg.train.keep_last)
     st = TrainState()
     seed_all(cfg.train.seed * 1000 + env.rank)  # per-rank streams for dropout and negative mining
@@ -231,11 +232,13 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
     exit_code = 0
     history_path = run_dir / "logs" / "metrics.jsonl"
 
+    position = loader.state_dict()  # the data position after the last completed step
+
     def save_checkpoint() -> None:
         """This step's checkpoint, unless one is complete already (rank 0's view decides)."""
         done = (ckpt.dir / f"step_{st.step:08d}" / "COMPLETE.json").exists()
         if not distributed.rank0_decides(done, control):
-            ckpt.save(engines.student, st.step, _own_state(st, loader, task), cfg.to_dict())
+            ckpt.save(engines.student, st.step, _own_state(st, position, task), cfg.to_dict())
     log.info("training %s: %d steps, global batch %d (micro %d x accum %d x world %d), ZeRO-%d, %s, teacher %s",
              cfg.train.task, cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.micro_batch_size, accum,
              env.world_size, cfg.train.zero_stage, cfg.train.precision,
@@ -243,9 +246,20 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
     try:
         while st.step < cfg.train.max_steps:
             log_now = (st.step + 1) % cfg.train.log_every == 0 or st.step + 1 == cfg.train.max_steps
-            loss, parts, times, scalars = train_step(engines, task, batches, accum, timed=log_now,
-                                                  poison=st.step + 1 in nan_steps,
-                                                  key=(cfg.train.seed, env.rank, st.step))
+            try:
+                loss, parts, times, scalars = train_step(engines, task, batches, accum, timed=log_now,
+                                                      poison=st.step + 1 in nan_steps,
+                                                      key=(cfg.train.seed, env.rank, st.step))
+            except DataWaitInterrupted as e:
+                # the step never completed: checkpoint the one before, with its data position (a
+                # rank stuck elsewhere, e.g. in a collective of this step, makes the agreement time
+                # out after train.collective_timeout_s with an error instead)
+                log.warning("%s: agreeing on a checkpoint of step %d with the other ranks", e, st.step)
+                distributed.any_rank(True, control)
+                save_checkpoint()
+                exit_code = REQUEUE_EXIT_CODE
+                break
+            position = loader.state_dict()
             st.step += 1
             st.samples_seen += cfg.train.global_batch_size
             # a step DeepSpeed skipped (non-finite gradients / fp16 overflow) is counted
@@ -255,13 +269,14 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
             skipped_before = skipped_now
             metrics.add_step(parts, loss, times, scalars)
             if log_now:
-                skipped, seen = loader.counters()
+                skipped, seen, retries = loader.counters()
                 extra = {"optim/lr": engines.student.get_lr()[0], "optim/loss_scale": eng_mod.loss_scale(engines.student),
                          "optim/skipped_steps": float(skipped_now), "progress/samples_seen": float(st.samples_seen)}
                 gn = eng_mod.grad_norm(engines.student)
                 if gn is not None:
                     extra["optim/grad_norm"] = gn
-                out = metrics.log(st.step, extra, {"data/skipped": skipped, "data/seen": seen})
+                out = metrics.log(st.step, extra, {"data/skipped": skipped, "data/seen": seen},
+                                  {"data/retries": float(retries)})
                 if env.is_main:
                     with open(history_path, "a") as f:
                         f.write(json.dumps({"step": st.step, **out}) + "\n")
@@ -273,7 +288,7 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
                 break
             if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and cfg.data.val_shards \
                     and evaluates(cfg) and st.step < cfg.train.max_steps:
-                last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step)}
+                last_eval = {"step": st.step, "result": _evaluate(cfg, engines, metrics, st.step, control)}
                 keep_if_best(st, last_eval["result"], save_checkpoint, engines.student_module, cfg, env.is_main,
                              control)
             if distributed.any_rank(stop.received is not None, control):
@@ -294,7 +309,7 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
             if last_eval.get("step") == st.step:  # evaluated at this very step already
                 summary["eval"] = last_eval["result"]
             else:
-                summary["eval"] = _evaluate(cfg, engines, metrics, st.step)
+                summary["eval"] = _evaluate(cfg, engines, metrics, st.step, control)
             keep_if_best(st, summary["eval"], save_checkpoint, engines.student_module, cfg, env.is_main, control)
             summary["best"] = st.best
         if env.is_main:
@@ -391,8 +406,8 @@ def best_on_record(st_best: dict | None, run_dir: Path) -> dict | None:
     return st_best
 
 
-def _own_state(st: TrainState, loader, task) -> dict:
-    state = {"step": st.step, "samples_seen": st.samples_seen, "data": loader.state_dict(), "best": st.best}
+def _own_state(st: TrainState, data_position: dict, task) -> dict:
+    state = {"step": st.step, "samples_seen": st.samples_seen, "data": data_position, "best": st.best}
     if task.queue is not None:  # identical on every rank; survives a world-size change
         state["token_queue"] = task.queue.state_dict()
     return state
@@ -404,23 +419,26 @@ def evaluates(cfg) -> bool:
     return cfg.train.task != "itm" or cfg.student.kind == "dual"
 
 
-def _evaluate(cfg, engines, metrics, step) -> dict:
+def _evaluate(cfg, engines, metrics, step, control=None) -> dict:
     """Dev-split evaluation; ``accuracy`` is the selection score (ITM pre-training: the mean of
     text->image and image->text recall@1 of the contrastive embeddings)."""
     from .data.pipeline import build_loader
+    from .distributed import rank, world_size
     from .evaluate import evaluate, evaluate_retrieval
-    loader = build_loader(cfg, "val", batch_size=max(cfg.train.micro_batch_size, 32))
+    bs = max(cfg.train.micro_batch_size, 32)
     module = engines.student_module
-    if cfg.train.task == "itm":
+    if cfg.train.task == "itm":  # retrieval ranks every caption against every image: each rank reads it all
+        loader = build_loader(cfg, "val", batch_size=bs)
         was = module.training
         res = evaluate_retrieval(module, loader, "itc", engines.device, engines.dtype,
                                  max_batches=cfg.train.eval_batches, prepare=False)
         module.train(was)
         res["per_type"] = {k: v for k, v in res.items() if "_r@" in k}
         res["accuracy"] = (res["t2i_r@1"] + res["i2t_r@1"]) / 2
-    else:
+    else:  # each rank its share of the split, the sums added over ranks
+        loader = build_loader(cfg, "val", rank(), world_size(), batch_size=bs)
         res = evaluate(module, loader, cfg.train.task, engines.device, engines.dtype,
-                       max_batches=cfg.train.eval_batches)
+                       max_batches=cfg.train.eval_batches, group=control)
     metrics.scalars({"eval/accuracy": res["accuracy"], **{f"eval/acc_{k}": v for k, v in res["per_type"].items()}},
                     step)
     log.info("eval step %d: accuracy %.4f  %s", step, res["accuracy"],
@@ -429,15 +447,18 @@ def _evaluate(cfg, engines, metrics, step) -> dict:
     return res
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Everything that can be checked before a process group exists: shards, the teacher
-    directory, the student's initialisation directory, the tokenizer."""
-    from .data.pipeline import expand_sources
+def preflight(cfg: RunConfig, world_size: int = 1) -> None:
+    """Everything that can be checked before a process group exists: shards (a remote
+    source's first shard must answer; epoch mode needs sample counts and enough of them for
+    every stream), the teacher directory, the student's initialisation directory, the
+    tokenizer."""
+    from .data.pipeline import check_streams, expand_sources
     from .data.transforms import load_tokenizer
     from .models.build import read_model_config
-    expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
+    sources = expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
+    check_streams(sources, cfg, world_size)
     if cfg.data.val_shards:
-        expand_sources(cfg.data.val_shards)
+        check_streams(expand_sources(cfg.data.val_shards), cfg, world_size, train=False)
     if cfg.loss.distills():
         expected = ("vilt",) if cfg.teacher.kind == "hf_vilt" else ("dide_fusion",)
         try:
@@ -476,7 +497,7 @@ def main(argv: list[str] | None = None, prog: str = "dide-pretrain", stop: StopS
         cfg = load_config(args.config, args.overrides, world_size=env.world_size)
         from .engine import build_ds_config
         ds = build_ds_config(cfg, env.world_size)
-        preflight(cfg)
+        preflight(cfg, env.world_size)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

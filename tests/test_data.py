@@ -86,7 +86,7 @@ def test_weighted_sources_mix(demo_shards, tmp_path):
     sources = expand_sources(f"{demo_shards}/train/{{00000..00003}}.tar::{other}/00000.tar", [1.0, 3.0])
     loader = ResumableLoader(WdsBatches(sources, dec, Collate("builtin:demo", 16, GEO.max_patches), 8, 0, open_shards=1))
     take(loader, 200)  # ~25 shard picks
-    _, seen = loader.counters()
+    _, seen, _ = loader.counters()
     assert seen["other"] > seen["train"] > 0
 
 
@@ -136,7 +136,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
                     open_shards=2, num_workers=0, drop_last=False)
     loader = ResumableLoader(ds)
     got = [b for b in loader]
-    skipped, seen = loader.counters()
+    skipped, seen, _ = loader.counters()
     # the truncated tar yields the samples before the cut, then is counted and dropped
     assert skipped.pop("unreadable_shard") == 1
     truncated_good = sum(seen.values()) - n_good

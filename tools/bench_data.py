@@ -29,6 +29,7 @@ Without ``--shards``, a CC3M-like shard set is synthesised (photo-like JPEGs: co
 shapes, texture and noise; 333-1024 px sides; quality 90; 4:2:0) with ``ShardWriter``.
 
     python tools/bench_data.py --out docs/bench_data_result.md   # synthetic shards, ~2.5 min
+    python tools/bench_data.py --http --out docs/bench_stream_result.md   # + the same shards over loopback HTTP
     python tools/bench_data.py --shards '/data/cc3m/{00000..00331}.tar' --workers 1 2 4
 """
 from __future__ import annotations
@@ -163,6 +164,42 @@ def start_ours(pattern: str, variant: str, workers: int, bs: int, tokenizer: str
                     open_shards=open_shards, num_workers=workers)
     gen = iter(ResumableLoader(ds, pin_memory=False, repeat=True))
     return Run(((len(b["keys"]), int(b["patch_valid"].sum()) * 32 * 32) for b in gen), gen.close)
+
+
+def serve_over_http(pattern: str):
+    """The shards' directory served by ``python -m http.server`` on loopback (its own process, as
+    a real server is); returns (process, the same pattern as http:// URLs)."""
+    import subprocess
+    from dide_scale.distributed import free_port
+    d = os.path.dirname(pattern)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", d],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import urllib.request
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/sizes.json", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/{os.path.basename(pattern)}"
+
+
+def skip_costs(pattern: str, http_pattern: str) -> list[tuple[str, int, float]]:
+    """Seconds to re-open the first shard and reach its last sample (what resuming a stream
+    in a shard's last sample costs), local vs HTTP."""
+    from dide_scale.data.pipeline import expand_sources, read_piece
+    out = []
+    for where, pat in (("local disk", pattern), ("loopback HTTP", http_pattern)):
+        src = expand_sources(pat)[0]
+        n = src.sizes[0] - 1 if src.sizes else 0
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            next(read_piece(src.urls[0], 0, n, None, None))
+            times.append(time.perf_counter() - t0)
+        out.append((where, n, statistics.median(times)))
+    return out
 
 
 def _patch_openclip_eof(ocd) -> None:
@@ -302,6 +339,10 @@ def main(argv=None) -> int:
     ap.add_argument("--openclip-transform", choices=["train", "val"], default="train")
     ap.add_argument("--variants", nargs="+", default=["vilt", "vilt+draft", "stretch"],
                     choices=["vilt", "vilt+draft", "stretch"], help="our decoder settings to measure")
+    ap.add_argument("--http", action="store_true",
+                    help="also read the same shards from a loopback HTTP server (`python -m http.server`), and "
+                         "measure what a resume's skip within a shard costs, local vs HTTP")
+    ap.add_argument("--no-openclip", dest="openclip", action="store_false", help="skip OpenCLIP's pipeline")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -331,8 +372,9 @@ def main(argv=None) -> int:
     S = args.size
     pipes = []  # (key, label, output size, worker counts, factory(workers))
     is_train = args.openclip_transform == "train"
-    pipes.append(("openclip", f"OpenCLIP `get_wds_dataset` + `image_transform({S}, is_train={is_train})`",
-                  f"{S}x{S}", args.workers, lambda w: start_openclip(pattern, S, w, args.batch_size, is_train)))
+    if args.openclip:
+        pipes.append(("openclip", f"OpenCLIP `get_wds_dataset` + `image_transform({S}, is_train={is_train})`",
+                      f"{S}x{S}", args.workers, lambda w: start_openclip(pattern, S, w, args.batch_size, is_train)))
 
     labels = {"vilt": "ours as shipped: ViLT geometry 384/639, full decode, bicubic",
               "vilt+draft": "ours + `data.jpeg_draft=true`", "stretch": "ours, `data.image_resize=stretch` 384x640"}
@@ -340,6 +382,13 @@ def main(argv=None) -> int:
         pipes.append((v, labels[v], "384 shorter, <= 639" if v != "stretch" else "384x640", args.workers,
                       (lambda v: lambda w: start_ours(pattern, v, w, args.batch_size, args.tokenizer,
                                                       args.max_text_len))(v)))
+    server = None
+    if args.http:
+        server, http_pattern = serve_over_http(pattern)
+        pipes.append(("vilt_http", "ours as shipped, the same shards from a loopback HTTP server",
+                      "384 shorter, <= 639", args.workers,
+                      lambda w: start_ours(http_pattern, "vilt", w, args.batch_size, args.tokenizer,
+                                           args.max_text_len)))
     results: dict[tuple[str, int], list[dict]] = {}
     for rep in range(args.repeats):
         for w in args.workers:
@@ -353,6 +402,10 @@ def main(argv=None) -> int:
                       f"(window {r['seconds']:.1f} s, {r['images']} images; first batch after "
                       f"{r['first_batch']:.1f} s, run {r['total']:.1f} s)", file=sys.stderr)
     load1 = os.getloadavg()
+    skips = skip_costs(pattern, http_pattern) if args.http else None
+    if server is not None:
+        server.kill()
+        server.wait()
 
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("ips", "ips_per_cpu", "out_kpix")}
            for k, v in results.items()}
@@ -397,6 +450,12 @@ def main(argv=None) -> int:
                      f"{m['ips'] / oc['ips']:.2f}x; {m['ips_per_cpu'] / oc['ips_per_cpu']:.2f}x")
             lines.append(f"| {label} | {out} | {m['out_kpix']:.0f} | {w} | {m['ips']:.0f} ({lo:.0f}-{hi:.0f}) | "
                          f"{m['ips'] / max(w, 1):.0f} | {m['ips_per_cpu']:.0f} | {ratio} |")
+    if skips:
+        lines += ["", "What a resume costs: re-opening a shard and skipping the samples already read (read through, "
+                  "not decoded), median of 5, one run:", "",
+                  "| shard read from | samples skipped | seconds | ms per skipped sample |", "|---|---:|---:|---:|"]
+        for where, n, sec in skips:
+            lines.append(f"| {where} | {n} | {sec:.3f} | {1000 * sec / max(n, 1):.2f} |")
     lines += ["", f"Total benchmark time {time.perf_counter() - t_all:.0f} s."]
     report = "\n".join(lines)
     print(report)

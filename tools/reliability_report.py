@@ -32,6 +32,28 @@ FAULTS = [
      "tests/test_faults.py::test_nan_loss_step_is_skipped_and_counted"),
     ("nan_consecutive", "Non-finite loss, K times in a row", "DIDE_INJECT_NAN_STEPS=3,4,5 with train.max_bad_steps=3",
      "tests/test_faults.py::test_consecutive_nan_steps_stop_the_run_with_a_checkpoint_from_before"),
+    ("itm_killed_resumes_exactly", "The whole ITM pre-training job dies",
+     "SIGKILL of both gloo ranks right after the step-4 checkpoint; hard-negative mining across ranks, ITC, "
+     "retrieval evaluation and attention probes on",
+     "tests/test_resume.py::test_itm_pretraining_killed_on_every_rank_resumes_exactly"),
+    ("second_job_refused", "A second job on a held run directory",
+     "the same command started while a first job trains on the directory",
+     "tests/test_cluster.py::test_a_second_job_on_a_held_directory_is_refused_and_a_killed_holder_is_taken_over"),
+    ("stale_lease_taken_over", "The lease holder dies without releasing",
+     "SIGKILL of the first job (its lease stays), then the same command again",
+     "tests/test_cluster.py::test_a_second_job_on_a_held_directory_is_refused_and_a_killed_holder_is_taken_over"),
+    ("server_dies_mid_run", "The shard server dies mid-run",
+     "a loopback HTTP server holding the shards killed in the middle of a transfer, back 2 s later on the same port",
+     "tests/test_streaming.py::test_a_server_that_dies_mid_run_costs_retries_not_data"),
+    ("server_never_answers", "The shard server never answers",
+     "connections accepted, no response ever (data.stall_timeout_s=3)",
+     "tests/test_streaming.py::test_a_server_that_never_answers_trips_the_stall_watchdog"),
+    ("stop_during_data_wait", "A stop signal while waiting for data",
+     "the server hangs, SIGUSR1 arrives while the rank waits for its next batch",
+     "tests/test_streaming.py::test_a_stop_signal_while_waiting_for_data_checkpoints_and_requeues"),
+    ("one_rank_fails_to_load", "One rank cannot read the newest checkpoint",
+     "rank 1's load of step_00000006 fails with ESTALE (2 gloo ranks); rank 0's succeeds",
+     "tests/test_resume.py::test_ranks_resume_from_the_same_checkpoint_when_one_cannot_read_the_newest"),
 ]
 STATIC = [
     ("Preemption of a 2-node SLURM job", "`scancel --signal=USR1 --batch` (time-limit warning) and `scontrol requeue` "
@@ -75,12 +97,33 @@ def outcome(key: str, r: dict) -> str:
     if key == "nan_consecutive":
         return (f"run stopped after {r['stopped_after']} bad steps with exit code {r['exit_code']} and a clear "
                 f"message; newest checkpoint {r['kept_checkpoint']} is from before the fault")
+    if key == "itm_killed_resumes_exactly":
+        return (f"relaunch resumed from step {r['resumed_from']}; the losses of the {r['steps_compared']} later steps "
+                f"equal the uninterrupted run's (worst relative difference {r['worst_relative_difference']:.1e})")
+    if key == "second_job_refused":
+        return (f"the second job exited with code 2 after {r['seconds_to_refuse']} s (start-up included), naming the "
+                "holder's host, pid and start time; the first job went on undisturbed")
+    if key == "stale_lease_taken_over":
+        return (f"the dead holder's lease was taken over at once (its pid is gone on this host; a lost node's after "
+                f"`train.lease_ttl_s`); resumed from step {r['resumed_from']}")
+    if key == "server_dies_mid_run":
+        return (f"{r['retries']} read(s) retried from where they stopped (`data/retries`); samples lost: "
+                f"{r['samples_lost']}; the stream equals the one read from local disk")
+    if key == "server_never_answers":
+        return (f"the run ended after {r['seconds_to_error']} s with `DataStalled`, naming the shard URLs each worker "
+                "was reading; the stuck workers were killed (no hang at exit)")
+    if key == "stop_during_data_wait":
+        return (f"checkpoint of the last complete step ({r['checkpoint']}) and exit code 42 {r['seconds_hang_to_exit']} "
+                "s after the hang began; relaunched with the server back, the losses equal an undisturbed run's")
+    if key == "one_rank_fails_to_load":
+        return (f"both ranks skipped {r['newest']} and resumed from step {r['resumed_from']} together "
+                "(before: one rank would resume alone from another step)")
     return json.dumps(r)
 
 
 def main() -> int:
     report = Path(tempfile.mkdtemp()) / "figures.jsonl"
-    tests = [f[3] for f in FAULTS] + [s[2] for s in STATIC]
+    tests = list(dict.fromkeys([f[3] for f in FAULTS] + [s[2] for s in STATIC]))
     env = dict(os.environ, DIDE_RELIABILITY_REPORT=str(report))
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", *tests], cwd=ROOT, env=env)
@@ -114,7 +157,21 @@ def main() -> int:
               "- **Non-finite steps**: DeepSpeed's ZeRO optimizer skips a step whose global gradient norm is not "
               "finite; the loop counts them and stops after `train.max_bad_steps` in a row.",
               "- **Bad data**: every decode failure is a `SkipSample(reason)`; counts travel with each batch's data "
-              "position and reach TensorBoard as `data/skipped/<reason>`."]
+              "position and reach TensorBoard as `data/skipped/<reason>`.",
+              "- **Exact resume**: every random draw of a step comes from a generator seeded by (seed, rank, step, "
+              "micro-step), and data loaders have generators of their own (a new iterator used to draw its worker "
+              "seeds from the global RNG, which moved a resumed run's hard negatives).",
+              "- **One job per run directory**: a lease file created with `link()` and renewed by the holder; a "
+              "second job is refused naming the holder; a dead holder's lease (pid gone on this host, not renewed for "
+              "`train.lease_ttl_s`, or the same SLURM job requeued) is taken over.",
+              "- **Agreed resume**: the ranks take the newest checkpoint that every one of them can verify and load; "
+              "a world-size change converts it on rank 0 while the others wait on the filesystem.",
+              "- **Remote shards**: a read that fails with a passing error (connection, timeout, HTTP 5xx) is retried "
+              "from where it stopped with a doubling backoff (`data.read_retries`, counted in `data/retries`); a shard "
+              "that keeps failing is skipped and counted; a source whose shards all fail ends the run naming it.",
+              "- **Stall watchdog**: the loader waits for each batch in short polls; a stop signal during a wait gives "
+              "an agreed checkpoint of the last complete step and exit 42, and no batch for `data.stall_timeout_s` "
+              "ends the run naming the shards the workers read."]
     (ROOT / "docs" / "RELIABILITY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,22 +1,41 @@
 """The webdataset reader: weighted, seeded shard streams with an exactly resumable position.
 
 Why not a shuffle buffer: its contents are state that cannot be checkpointed cheaply.
-Instead every worker reads ``open_shards`` shards at once and draws each next sample from
-one of them at random.  Every random choice is a pure function of
+Instead every worker reads ``open_shards`` pieces of shards at once and draws each next
+sample from one of them at random.  Every random choice is a pure function of
 (seed, rank, logical worker, counter), so a stream's whole state is a few integers:
-samples drawn, shards picked, and for each open shard (pick index, offset).  Restoring
-it re-opens those shards and skips ``offset`` raw samples (no decode), and the stream
+samples drawn, pieces picked, and for each open piece (pick index, samples read).
+Restoring it re-opens those pieces and skips what was read (no decode), and the stream
 continues with exactly the samples an uninterrupted run would have seen.
+
+* Resampled (pre-training): each pick is a shard chosen by the sources' weights, read
+  from a seeded offset round to the same offset (so two streams that open one shard do not
+  read it in step, which would put the same pairs twice in a global batch).
+* Epoch mode (fine-tuning): the epoch's seeded shard order is one sequence of samples
+  (``sizes.json`` gives the counts), cut into one equal run per stream (world size x
+  workers), so every rank sees the same number of samples per epoch and every stream has
+  work, whatever the shard count.
+
+Shards can live anywhere ``data.remote`` opens (local, http(s), s3, gs, ``pipe:``).  A read
+that fails with a passing error is retried from where it stopped (``ReadPolicy``), counted
+in ``data/retries``; a shard that keeps failing is skipped and counted
+(``data/skipped/unreadable_shard``); a source whose shards all fail ends the run with an
+error naming it (:class:`SourceUnreadable`).
 
 The DataLoader hands out worker batches round-robin; each batch carries its worker's
 state, and the loader rotates the worker -> logical-stream map on resume so the next
-batch comes from the right stream.
+batch comes from the right stream.  The loader waits for data in short polls, so a stop
+signal during a wait is seen (:class:`DataWaitInterrupted`) and a wait longer than
+``data.stall_timeout_s`` ends the run naming the shards its workers read (:class:`DataStalled`).
 """
 from __future__ import annotations
 
 import collections
+import json
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import braceexpand
@@ -25,7 +44,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .remote import READ_TIMEOUT_S, is_local, open_shard, read_json, transient
 from .transforms import SkipSample
+
+
+class SourceUnreadable(RuntimeError):
+    """Every shard of a source failed to read."""
+
+
+class DataStalled(RuntimeError):
+    """No batch arrived for ``data.stall_timeout_s``."""
+
+
+class DataWaitInterrupted(Exception):
+    """A stop signal arrived while the loader was waiting for data."""
 
 
 @dataclass
@@ -33,10 +65,30 @@ class Source:
     name: str
     urls: list[str]
     weight: float
+    sizes: list[int] | None = None
+    """Samples per shard (the directory's sizes.json), when known."""
+
+
+def _sizes_of(urls: list[str]) -> list[int] | None:
+    """Sample counts of ``urls`` from the sizes.json beside them (local or remote)."""
+    if any(u.startswith("pipe:") for u in urls):
+        return None
+    by_dir: dict[str, dict | None] = {}
+    out = []
+    for u in urls:
+        d, name = u.rsplit("/", 1) if "/" in u else (".", u)
+        if d not in by_dir:
+            by_dir[d] = read_json(f"{d}/sizes.json")
+        sizes = by_dir[d]
+        if not isinstance(sizes, dict) or name not in sizes:
+            return None
+        out.append(int(sizes[name]))
+    return out
 
 
 def expand_sources(spec: str, weights: list[float] | None = None) -> list[Source]:
-    """'a/{000..009}.tar::b/{00..03}.tar' -> Sources; checks the shards exist (local paths)."""
+    """'a/{000..009}.tar::b/{00..03}.tar' -> Sources, with their sizes.json counts when there
+    are any; local shards must exist (remote ones are probed by the trainer's preflight)."""
     parts = [p.strip() for p in spec.split("::") if p.strip()]
     if not parts:
         raise ValueError("data.train_shards is empty")
@@ -45,12 +97,13 @@ def expand_sources(spec: str, weights: list[float] | None = None) -> list[Source
         raise ValueError(f"{len(weights)} weights for {len(parts)} sources")
     out = []
     for part, w in zip(parts, weights):
-        urls = list(braceexpand.braceexpand(part))
-        missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+        urls = list(braceexpand.braceexpand(part)) if not part.startswith("pipe:") else [part]
+        missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {part!r} are missing, "
                                     f"first: {missing[0]}")
-        out.append(Source(os.path.basename(os.path.dirname(urls[0])) or part, urls, float(w)))
+        name = os.path.basename(os.path.dirname(urls[0])) if not part.startswith("pipe:") else ""
+        out.append(Source(name or part, urls, float(w), _sizes_of(urls)))
     return out
 
 
@@ -64,58 +117,135 @@ def sample_seed(seed: int, rank: int, worker: int, epoch: int, drawn: int) -> in
     return int(_rng(seed, rank, worker, 3, epoch, drawn).integers(2 ** 62))
 
 
-def iter_raw_samples(url: str) -> Iterator[dict]:
+def iter_raw_samples(url: str, timeout_s: float = READ_TIMEOUT_S) -> Iterator[dict]:
     """Raw samples (suffix -> bytes) of one tar shard, in file order."""
-    with open(url, "rb") as f:
-        files = ({**d, "__url__": url} for d in tar_file_iterator(f))
+    stream = open_shard(url, timeout_s)
+    try:
+        files = ({**d, "__url__": url} for d in tar_file_iterator(stream))
         yield from group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def read_piece(url: str, start: int, skip: int, length: int | None, size: int | None,
+               timeout_s: float = READ_TIMEOUT_S) -> Iterator[dict]:
+    """Samples ``skip, skip + 1, ...`` of a piece of a shard: ``length`` samples from position
+    ``start``, wrapping round to the shard's beginning at its end (a shard of ``size``
+    samples read from ``start`` back to ``start``); ``length=None`` reads to the end.
+    Skipped samples are read but not decoded."""
+    k = skip
+    for first_pass in (True, False):
+        if not first_pass and (size is None or length is None or k >= length):
+            return
+        pos = start + k if first_pass else (start + k) - size
+        if first_pass and size is not None and pos >= size:
+            continue  # already in the wrapped part
+        for i, raw in enumerate(iter_raw_samples(url, timeout_s)):
+            if i < pos:
+                continue
+            if length is not None and k >= length:
+                return
+            yield raw
+            k += 1
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """How hard a stream tries to read a shard (picklable: it runs in the workers)."""
+
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = READ_TIMEOUT_S
+
+    def delay(self, attempt: int) -> float:
+        return min(30.0, self.backoff_s * 2 ** (attempt - 1))
+
+
+def epoch_pieces(sources: list[Source], seed: int, epoch: int, stream_id: int, n_streams: int
+                 ) -> list[tuple[int, int, int, int | None]]:
+    """One stream's share of an epoch: [(source, shard, start, length), ...].  With sample
+    counts, the epoch's seeded shard order is one sequence cut into ``n_streams`` equal runs
+    (the remainder, fewer than ``n_streams`` samples, waits for the next epoch's order);
+    without, whole shards are dealt round-robin (counts may then differ between streams).
+    ``epoch < 0``: one ordered pass, whole shards dealt round-robin (evaluation)."""
+    flat = [(si, ui) for si, s in enumerate(sources) for ui in range(len(s.urls))]
+    order = _rng(seed, 7919, epoch).permutation(len(flat)) if epoch >= 0 else np.arange(len(flat))
+    known = all(s.sizes is not None for s in sources)
+    if epoch < 0 or not known:
+        return [(*flat[i], 0, None) for i in order[stream_id::n_streams]]
+    per = sum(sum(s.sizes) for s in sources) // n_streams
+    lo, hi = stream_id * per, (stream_id + 1) * per
+    pieces, c = [], 0
+    for i in order:
+        si, ui = flat[i]
+        n = sources[si].sizes[ui]
+        b, e = max(lo, c), min(hi, c + n)
+        if b < e:
+            pieces.append((si, ui, b - c, e - b))
+        c += n
+        if c >= hi:
+            break
+    return pieces
 
 
 class ShardStream:
     """One logical stream: (seed, rank, worker) -> an endless (resampled) or finite sequence
-    of raw samples, with a state that can be saved after any sample."""
+    of raw samples, with a state that can be saved after any sample.  ``offsets=False``
+    starts every resampled piece at the shard's beginning (the reader before seeded
+    offsets; kept for measuring what they change)."""
 
     def __init__(self, sources: list[Source], seed: int, rank: int, world: int, worker: int, workers: int,
-                 resampled: bool, open_shards: int, epoch: int = 0, state: dict | None = None):
+                 resampled: bool, open_shards: int, epoch: int = 0, state: dict | None = None,
+                 policy: ReadPolicy = ReadPolicy(), offsets: bool = True, on_open: Callable | None = None):
         self.sources, self.seed, self.rank, self.worker = sources, seed, rank, worker
-        self.resampled, self.k = resampled, open_shards
+        self.resampled, self.k, self.policy, self.offsets = resampled, open_shards, policy, offsets
+        self.on_open = on_open
         probs = np.array([s.weight for s in sources], dtype=np.float64)
         self.probs = probs / probs.sum()
-        if not resampled:  # epoch mode: a fixed, seeded order of all shards, split by rank and worker
-            flat = [(si, u) for si, s in enumerate(sources) for u in range(len(s.urls))]
-            order = _rng(seed, 7919, epoch).permutation(len(flat)) if epoch >= 0 else np.arange(len(flat))
-            stream_id, n_streams = rank * workers + worker, world * workers
-            self.epoch_shards = [flat[i] for i in order[stream_id::n_streams]]
+        if not resampled:
+            self.pieces = epoch_pieces(sources, seed, epoch, rank * workers + worker, world * workers)
         st = state or {}
         self.drawn = st.get("drawn", 0)
         self.picks = st.get("picks", 0)
         self.dead_opens = 0
-        self.slots: list[dict] = []  # each: {"pick", "offset", "iter", "src", "url"}
-        for s in st.get("slots", []):
-            self._open(s["pick"], s["offset"])
+        self.failed_in_a_row = collections.Counter()  # per source: pieces that failed, none read since
+        self.last_error: dict[int, tuple[str, str]] = {}
+        self.retries = 0
         self.skipped: collections.Counter = collections.Counter()
+        self.slots: list[dict] = []  # each: {"pick", "read", "iter", "src", "url", "piece", "failures"}
+        for s in st.get("slots", []):
+            self._open(s["pick"], s.get("read", s.get("offset", 0)))
 
-    # -- shard choice: a pure function of the pick counter ---------------------------------
-    def _shard_of(self, pick: int) -> tuple[int, int] | None:
+    # -- which piece: a pure function of the pick counter ----------------------------------
+    def _piece(self, pick: int) -> tuple[int, int, int, int | None] | None:
         if not self.resampled:
-            return self.epoch_shards[pick] if pick < len(self.epoch_shards) else None
+            return self.pieces[pick] if pick < len(self.pieces) else None
         r = _rng(self.seed, self.rank, self.worker, 1, pick)
         si = int(r.choice(len(self.sources), p=self.probs))
-        return si, int(r.integers(len(self.sources[si].urls)))
+        ui = int(r.integers(len(self.sources[si].urls)))
+        sizes = self.sources[si].sizes
+        if sizes is None:
+            return si, ui, 0, None
+        start = int(r.integers(sizes[ui])) if self.offsets and sizes[ui] else 0
+        return si, ui, start, sizes[ui]
 
-    def _open(self, pick: int, offset: int = 0) -> bool:
-        where = self._shard_of(pick)
-        if where is None:
+    def _reader(self, slot: dict) -> Iterator[dict]:
+        si, ui, start, length = slot["piece"]
+        size = self.sources[si].sizes[ui] if self.sources[si].sizes is not None and self.resampled else None
+        return read_piece(slot["url"], start, slot["read"], length, size, self.policy.timeout_s)
+
+    def _open(self, pick: int, read: int = 0) -> bool:
+        piece = self._piece(pick)
+        if piece is None:
             return False
-        si, ui = where
-        url = self.sources[si].urls[ui]
-        it = iter_raw_samples(url)
-        slot = {"pick": pick, "offset": 0, "iter": it, "src": si, "url": url}
-        self.dead_opens += 1  # reset by the first sample the shard yields
-        for _ in range(offset):  # fast-forward without decoding
-            if self._next_raw(slot) is None:
-                break
+        si, ui = piece[:2]
+        slot = {"pick": pick, "read": read, "src": si, "url": self.sources[si].urls[ui], "piece": piece,
+                "failures": 0, "got": False}
+        slot["iter"] = self._reader(slot)
+        self.dead_opens += 1  # reset by the first sample the piece yields
         self.slots.append(slot)
+        if self.on_open is not None:
+            self.on_open([s["url"] for s in self.slots])
         return True
 
     def _fill(self) -> None:
@@ -130,21 +260,45 @@ class ShardStream:
             self.picks += 1
 
     def _next_raw(self, slot: dict) -> dict | None:
-        try:
-            raw = next(slot["iter"])
-        except StopIteration:
-            if slot["offset"] == 0:
-                self.skipped["empty_shard"] += 1
-            return None
-        except Exception:  # truncated or unreadable tar: the shard's remainder is lost, counted
-            self.skipped["unreadable_shard"] += 1
-            return None
-        slot["offset"] += 1
-        self.dead_opens = 0
-        return raw
+        while True:
+            try:
+                raw = next(slot["iter"])
+            except StopIteration:
+                if not slot["got"] and slot["read"] == 0:
+                    self.skipped["empty_shard"] += 1
+                return None
+            except Exception as e:  # noqa: BLE001 - classified below; the stream must go on
+                if transient(e, slot["url"]) and slot["failures"] < self.policy.retries:
+                    slot["failures"] += 1
+                    self.retries += 1
+                    time.sleep(self.policy.delay(slot["failures"]))
+                    slot["iter"] = self._reader(slot)  # from where it stopped
+                    continue
+                self._failed(slot, e)
+                return None
+            slot["read"] += 1
+            slot["got"], slot["failures"] = True, 0
+            self.dead_opens = 0
+            self.failed_in_a_row[slot["src"]] = 0
+            return raw
+
+    def _failed(self, slot: dict, e: BaseException) -> None:
+        """A piece that cannot be read: skipped and counted; a source that fails every time ends
+        the run with an error naming it."""
+        self.skipped["unreadable_shard"] += 1
+        src = slot["src"]
+        self.last_error[src] = (slot["url"], f"{type(e).__name__}: {e}")
+        if slot["got"]:
+            return  # it gave samples before it broke (a truncated shard): the source is readable
+        self.failed_in_a_row[src] += 1
+        source = self.sources[src]
+        if self.failed_in_a_row[src] >= min(len(source.urls), 8):
+            url, err = self.last_error[src]
+            raise SourceUnreadable(f"no shard of source {source.name!r} ({len(source.urls)} shards) can be read: "
+                                   f"{self.failed_in_a_row[src]} failed in a row, the last {url} with {err}")
 
     def __iter__(self) -> Iterator[tuple[dict, int]]:
-        """Yields (raw sample, source index) forever (resampled) or until shards run out."""
+        """Yields (raw sample, source index) forever (resampled) or until pieces run out."""
         while True:
             self._fill()
             if not self.slots:
@@ -160,22 +314,37 @@ class ShardStream:
 
     def state(self) -> dict:
         return {"drawn": self.drawn, "picks": self.picks,
-                "slots": [{"pick": s["pick"], "offset": s["offset"]} for s in self.slots]}
+                "slots": [{"pick": s["pick"], "read": s["read"]} for s in self.slots]}
 
 
 class WdsBatches(IterableDataset):
     """Batches decoded in workers.  Each batch carries ``_worker`` (logical stream id),
-    ``_state`` (that stream's position after the batch) and cumulative counters."""
+    ``_state`` (that stream's position after the batch) and cumulative counters.  With a
+    ``status_dir``, each worker keeps ``rank{R}_worker{W}.json`` there naming the shards it
+    is reading (what a stalled run reports)."""
 
     def __init__(self, sources: list[Source], decode: Callable, collate: Callable, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1, resampled: bool = True, open_shards: int = 4,
-                 num_workers: int = 0, epoch: int = 0, drop_last: bool = True):
+                 num_workers: int = 0, epoch: int = 0, drop_last: bool = True, policy: ReadPolicy = ReadPolicy(),
+                 status_dir: str | None = None, offsets: bool = True):
         self.drop_last = drop_last
         self.sources, self.decode, self.collate = sources, decode, collate
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.resampled, self.open_shards, self.num_workers, self.epoch = resampled, open_shards, num_workers, epoch
+        self.policy, self.status_dir, self.offsets = policy, status_dir, offsets
         self.rotation = 0
         self.resume: dict[int, dict] = {}
+
+    def status_file(self, logical: int) -> Path | None:
+        return None if self.status_dir is None else Path(self.status_dir) / f"rank{self.rank}_worker{logical}.json"
+
+    def _report(self, logical: int, urls: list[str]) -> None:
+        f = self.status_file(logical)
+        if f is not None:
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"rank": self.rank, "worker": logical, "pid": os.getpid(),
+                                       "since": time.time(), "reading": urls}))
+            os.replace(tmp, f)
 
     def __iter__(self):
         info = get_worker_info()
@@ -183,16 +352,21 @@ class WdsBatches(IterableDataset):
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % workers
         saved = self.resume.get(logical, {})
+        if self.status_dir is not None:
+            os.makedirs(self.status_dir, exist_ok=True)
         stream = ShardStream(self.sources, self.seed, self.rank, self.world, logical, workers, self.resampled,
-                             self.open_shards, self.epoch, saved.get("stream"))
+                             self.open_shards, self.epoch, saved.get("stream"), self.policy, self.offsets,
+                             on_open=lambda urls: self._report(logical, urls))
         skipped = collections.Counter(saved.get("skipped", {}))
         per_source = collections.Counter(saved.get("per_source", {}))
+        retries0 = saved.get("retries", 0)
         names = [s.name for s in self.sources]
         buf: list[dict] = []
         bad_run = 0
 
         def position() -> dict:  # this stream's resumable state plus its cumulative counters
-            return {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source)}
+            return {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source),
+                    "retries": retries0 + stream.retries}
         for raw, src in stream:
             raw["__seed__"] = sample_seed(self.seed, self.rank, logical, self.epoch, stream.drawn)
             try:
@@ -232,23 +406,79 @@ def _worker_ignores_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _stop_workers(it) -> None:
+    """Shut a DataLoader iterator's workers down now, whatever they are doing: PyTorch asks them
+    to stop and then sends SIGTERM, which ours ignore (see ``_worker_ignores_stop_signals``),
+    and one blocked in a read of a server that does not answer would otherwise outlive the
+    loader and keep its process from exiting."""
+    workers = getattr(it, "_workers", [])
+    if any(w.is_alive() for w in workers):
+        if getattr(it, "_worker_pids_set", False):  # PyTorch's SIGCHLD watch would report the kill as a crash
+            from torch.utils.data import _utils
+            _utils.signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in workers:  # they hold no state worth flushing: the position travels with the batches
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # queues and the pin-memory thread
+
+
 class ResumableLoader:
     """DataLoader wrapper that records the position of every batch handed out and can
-    restart from it; ``state_dict`` goes into the checkpoint."""
+    restart from it; ``state_dict`` goes into the checkpoint.
 
-    def __init__(self, dataset: WdsBatches, pin_memory: bool = False, repeat: bool = False):
+    With workers, it waits for each batch in polls of ``poll_s`` seconds: between polls it
+    asks ``interrupt()`` (the trainer's stop flag) and raises :class:`DataWaitInterrupted`
+    when it is set, and after ``stall_timeout_s`` without a batch it raises
+    :class:`DataStalled`, naming what the workers are reading."""
+
+    def __init__(self, dataset: WdsBatches, pin_memory: bool = False, repeat: bool = False,
+                 stall_timeout_s: float = 0.0, poll_s: float = 2.0, interrupt: Callable[[], bool] | None = None):
         self.ds = dataset
         self.pin = pin_memory
         self.repeat = repeat
+        self.stall_timeout_s, self.poll_s, self.interrupt = stall_timeout_s, poll_s, interrupt
         self.epoch = dataset.epoch
         self.workers_state: dict[int, dict] = {}
         self.next_worker = 0
         self.batches = 0
 
+    def _next(self, it) -> dict:
+        """The next batch from a DataLoader iterator, waiting in polls (see the class doc)."""
+        polls = bool(self.ds.num_workers) and (self.stall_timeout_s > 0 or self.interrupt is not None)
+        waited = 0.0
+        while True:
+            try:
+                return next(it)
+            except RuntimeError as e:
+                if not polls or "timed out" not in str(e):
+                    raise
+            waited += self.poll_s
+            if self.interrupt is not None and self.interrupt():
+                raise DataWaitInterrupted(f"a stop signal arrived while waiting {waited:.0f} s for data")
+            if self.stall_timeout_s and waited >= self.stall_timeout_s:
+                raise DataStalled(self.stall_report(waited))
+
+    def stall_report(self, waited: float) -> str:
+        lines = [f"no batch for {waited:.0f} s (data.stall_timeout_s={self.stall_timeout_s:g}) on rank {self.ds.rank}"]
+        for w in range(max(1, self.ds.num_workers)):
+            f = self.ds.status_file(w)
+            if f is not None and f.exists():
+                st = json.loads(f.read_text())
+                lines.append(f"  worker {w} (pid {st['pid']}) is reading {', '.join(st['reading']) or 'nothing'} "
+                             f"(opened {time.time() - st['since']:.0f} s ago)")
+        if len(lines) == 1:
+            lines.append("  (no worker status: the reader has no status directory)")
+        return "\n".join(lines)
+
     def __iter__(self):
         """Batches from the saved position on.  In epoch mode with ``repeat`` (training),
         the next epoch (a new seeded shard order) follows when one ends."""
         nw = self.ds.num_workers
+        polls = bool(nw) and (self.stall_timeout_s > 0 or self.interrupt is not None)
         while True:
             self.ds.rotation = self.next_worker
             self.ds.resume = dict(self.workers_state)
@@ -259,27 +489,38 @@ class ResumableLoader:
                                 persistent_workers=False, prefetch_factor=4 if nw else None,
                                 multiprocessing_context="fork" if nw else None,
                                 worker_init_fn=_worker_ignores_stop_signals if nw else None,
-                                generator=torch.Generator().manual_seed(self.ds.seed))
-            for batch in loader:
-                w = batch.pop("_worker")
-                self.workers_state[w] = batch.pop("_state")
-                if batch.pop("_end", False):
-                    continue
-                self.next_worker = (w + 1) % max(1, nw)
-                self.batches += 1
-                yield batch
+                                generator=torch.Generator().manual_seed(self.ds.seed),
+                                timeout=self.poll_s if polls else 0)
+            it = iter(loader)
+            try:
+                while True:
+                    try:
+                        batch = self._next(it)
+                    except StopIteration:
+                        break
+                    w = batch.pop("_worker")
+                    self.workers_state[w] = batch.pop("_state")
+                    if batch.pop("_end", False):
+                        continue
+                    self.next_worker = (w + 1) % max(1, nw)
+                    self.batches += 1
+                    yield batch
+            finally:
+                _stop_workers(it)
             if not self.repeat or self.ds.resampled:
                 return
             self.epoch += 1
             self.workers_state, self.next_worker = {}, 0
 
-    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(skipped samples by reason, samples seen per source), summed over streams."""
+    def counters(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """(skipped samples by reason, samples seen per source, read retries), summed over streams."""
         skipped, seen = collections.Counter(), collections.Counter()
+        retries = 0
         for st in self.workers_state.values():
             skipped.update(st["skipped"])
             seen.update(st["per_source"])
-        return dict(skipped), dict(seen)
+            retries += st.get("retries", 0)
+        return dict(skipped), dict(seen), retries
 
     def state_dict(self) -> dict:
         return {"workers": {str(k): v for k, v in self.workers_state.items()}, "next_worker": self.next_worker,
@@ -316,10 +557,42 @@ def geometry(cfg):
     return Geometry(d.image_resize, d.image_shorter, d.image_longer, cfg.student.arch.patch_size)
 
 
+def check_streams(sources: list[Source], cfg, world: int, train: bool = True) -> None:
+    """Fail before any process starts: a remote source whose first shard does not answer
+    (naming the URL), or, in epoch mode, shards without sample counts or too few samples to
+    give each of the world size x data.num_workers streams a batch per epoch."""
+    from .remote import is_local, probe
+    for s in sources:
+        if not is_local(s.urls[0]):
+            problem = probe(s.urls[0], min(cfg.data.read_timeout_s, 30.0))
+            if problem:
+                raise FileNotFoundError(f"source {s.name!r}: its first shard {s.urls[0]} does not answer ({problem})")
+    if not train or cfg.data.resampled:
+        return
+    streams = world * max(1, cfg.data.num_workers)
+    unsized = [s.name for s in sources if s.sizes is None]
+    if unsized:
+        raise ValueError(f"epoch mode (data.resampled=false) cuts each epoch into equal runs of samples, one per "
+                         f"stream, and needs every shard's sample count: {unsized} have no sizes.json beside their "
+                         "shards (`dide-data img2dataset DIR` writes one)")
+    total = sum(sum(s.sizes) for s in sources)
+    per = total // streams
+    if per < cfg.train.micro_batch_size:
+        raise ValueError(f"epoch mode: {total} samples over {streams} streams ({world} ranks x "
+                         f"data.num_workers={cfg.data.num_workers}) give each stream {per}, fewer than one "
+                         f"micro-batch (train.micro_batch_size={cfg.train.micro_batch_size}): use fewer workers")
+
+
+def read_policy(cfg) -> ReadPolicy:
+    d = cfg.data
+    return ReadPolicy(d.read_retries, d.retry_backoff_s, d.read_timeout_s)
+
+
 def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch_size: int | None = None,
-                 task: str | None = None) -> ResumableLoader:
-    """The train (resampled, rank-split) or evaluation (one ordered pass, every rank reads
-    the whole split) loader of a RunConfig."""
+                 task: str | None = None, status_dir: str | None = None,
+                 interrupt: Callable[[], bool] | None = None) -> ResumableLoader:
+    """The train loader (resampled or epochs, split over ranks) or the evaluation loader (one
+    ordered pass over this rank's share of the split's shards) of a RunConfig."""
     from .transforms import Collate, RandAugment, SampleDecoder
     task = task or cfg.train.task
     answers = answer_list(cfg) if task == "vqa" else None
@@ -333,10 +606,26 @@ def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch
     if split == "train":
         sources = expand_sources(d.train_shards, d.train_weights or None)
         ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, rank, world, d.resampled,
-                        d.open_shards, d.num_workers)
-        return ResumableLoader(ds, pin_memory=torch.cuda.is_available(), repeat=True)
-    else:
-        sources = expand_sources(d.val_shards)
-        ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, 0, 1, False, 1,
-                        min(d.num_workers, sum(len(s.urls) for s in sources)), epoch=-1, drop_last=False)
-    return ResumableLoader(ds)
+                        d.open_shards, d.num_workers, policy=read_policy(cfg), status_dir=status_dir)
+        return ResumableLoader(ds, pin_memory=torch.cuda.is_available(), repeat=True,
+                               stall_timeout_s=d.stall_timeout_s, interrupt=interrupt)
+    sources = eval_share(expand_sources(d.val_shards), rank, world)
+    ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, 0, 1, False, 1,
+                    min(d.num_workers, sum(len(s.urls) for s in sources)), epoch=-1, drop_last=False,
+                    policy=read_policy(cfg))
+    return ResumableLoader(ds, stall_timeout_s=d.stall_timeout_s)
+
+
+def eval_share(sources: list[Source], rank: int, world: int) -> list[Source]:
+    """This rank's shards of an evaluation split: every ``world``-th one (the metrics are summed
+    over ranks afterwards); every shard on every rank when there are fewer shards than ranks."""
+    if world == 1 or sum(len(s.urls) for s in sources) < world:
+        return sources
+    out, i = [], 0
+    for s in sources:
+        keep = [j for j in range(len(s.urls)) if (i + j) % world == rank]
+        i += len(s.urls)
+        if keep:
+            out.append(Source(s.name, [s.urls[j] for j in keep], s.weight,
+                              None if s.sizes is None else [s.sizes[j] for j in keep]))
+    return out
