@@ -115,9 +115,13 @@ def init_distributed(env, timeout_s: int) -> None:
     backend = "nccl" if gpus else "gloo"
     if gpus:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # this rank's device among the visible ones
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.world_size == 1:
+        # one process needs no rendezvous: an in-memory store, instead of a TCP port that another
+        # process may take between choosing it and listening on it
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
-                               world_size=env.world_size)
+                               timeout=timeout, rank=env.rank, world_size=env.world_size)
 
 
 def device() -> torch.device:
