@@ -225,7 +225,8 @@ class DataConfig:
     num_answers: int = 3129
     """VQA answer vocabulary size."""
     answer_vocab: str = ""
-    """Path of a JSON list of answers (VQA); empty for the demo."""
+    """VQA answers: a JSON list of answer strings, or a model directory whose config.json
+    id2label lists them (an export, a transformers checkpoint); empty for the demo's."""
 
 
 @dataclass
@@ -489,7 +490,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r} (valid keys here: {sorted(names)})")
+            import difflib
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {prefix + close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown config key {dotted!r} ({hint}valid keys here: {sorted(names)})")
         tp = hints[key]
         kwargs[key] = _build(tp, value, dotted + ".") if _is_dataclass_type(tp) else _coerce(value, tp, dotted)
     return cls(**kwargs)
@@ -542,9 +546,10 @@ def load_yaml_chain(path: Path) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
-                world_size: int | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, validated. Raises ConfigError naming the key."""
-    data: dict = load_yaml_chain(resolve_path(path)) if path else {}
+                world_size: int | None = None, base: dict | None = None) -> RunConfig:
+    """Defaults <- ``base`` (e.g. what an exported model says of itself) <- YAML file <-
+    overrides, validated. Raises ConfigError naming the key."""
+    data: dict = _merge(base or {}, load_yaml_chain(resolve_path(path)) if path else {})
     for text in overrides:
         data = _merge(data, parse_override(text))
     cfg = _build(RunConfig, data)

@@ -39,9 +39,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     t = cfg.train
     base: dict = {}
     if t.ds_config:
-        p = Path(t.ds_config)
-        if not p.exists():
-            raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist")
+        p = resolve_ds_config(t.ds_config)
         try:
             base = json.loads(p.read_text())
         except json.JSONDecodeError as e:
@@ -84,6 +82,20 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds.setdefault("wall_clock_breakdown", False)
     validate_ds_config(ds, "train.ds_config" if t.ds_config else "the DeepSpeed config")
     return ds
+
+
+def resolve_ds_config(name: str) -> Path:
+    """A DeepSpeed JSON: the path as given (absolute, or relative to the working directory),
+    else one of the shipped ``ds_configs/`` by file name, from wherever the package is."""
+    p = Path(name)
+    if p.exists():
+        return p
+    from importlib.resources import files
+    shipped = files("dide_scale.ds_configs") / (p.name if p.suffix == ".json" else f"{p.name}.json")
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(f.name for f in files("dide_scale.ds_configs").iterdir() if f.name.endswith(".json"))
+    raise ConfigError(f"train.ds_config={name!r} does not exist (shipped: {names})")
 
 
 def validate_ds_config(ds: dict, where: str) -> None:

@@ -175,13 +175,37 @@ def write_vqa_submission(predictions: list[dict], path: str) -> None:
         json.dump(rows, f)
 
 
+def export_settings(model_dir: str, model) -> dict:
+    """What an exported folder says of itself, as config layers: the towers, the tokenizer,
+    the image geometry, the answer names and the task."""
+    import dataclasses
+    import os
+
+    from .export import read_geometry
+    base = {"student": {"kind": "dual" if hasattr(model, "encode_image") else "fusion",
+                        "arch": dataclasses.asdict(model.shape)},
+            "train": {"task": model.task}, "data": {}}
+    if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")) or \
+            os.path.exists(os.path.join(model_dir, "vocab.txt")):
+        base["data"]["tokenizer"] = str(model_dir)
+    try:
+        g = read_geometry(model_dir)
+        base["data"].update(image_resize=g.resize, image_shorter=g.shorter, image_longer=g.longer)
+    except FileNotFoundError:
+        pass
+    if model.task == "vqa":
+        base["data"].update(answer_vocab=str(model_dir), num_answers=model.num_classes)
+    return base
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .data.pipeline import answer_list, build_loader
     from .models.build import load_pretrained
     ap = argparse.ArgumentParser(prog="dide-eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="exported model directory (config.json + model.safetensors)")
-    ap.add_argument("--config", default=None, help="run config (data/tokenizer settings); default: built-in")
+    ap.add_argument("--model", required=True, help="exported model folder (what dide_scale.export writes); its "
+                                                   "tokenizer, image geometry and answer names are used")
+    ap.add_argument("--config", default=None, help="a config whose settings override the folder's (optional)")
     ap.add_argument("--shards", required=True, help="evaluation shard pattern")
     ap.add_argument("--vqa-json", default=None, help="write VQA answers here (server format)")
     ap.add_argument("--retrieval", choices=("itm", "itc"), default=None,
@@ -189,11 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                          "pairs or by contrastive embeddings (the default for an ITM model: itm)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
-    model = load_pretrained(args.model)
-    retrieval = args.retrieval or ("itm" if model.task == "itm" else None)
-    cfg = load_config(args.config, [*args.overrides, f"train.task={'itm' if retrieval else model.task}",
-                                    f"data.val_shards={args.shards}", "loss.attn_t2i=0", "loss.attn_i2t=0",
-                                    "loss.soft_label=0", "loss.ground_truth=1"])
+    try:
+        model = load_pretrained(args.model)
+        retrieval = args.retrieval or ("itm" if model.task == "itm" else None)
+        cfg = load_config(args.config, [*args.overrides, f"train.task={'itm' if retrieval else model.task}",
+                                        f"data.val_shards={args.shards}", "loss.attn_t2i=0", "loss.attn_i2t=0",
+                                        "loss.soft_label=0", "loss.ground_truth=1"],
+                          base=export_settings(args.model, model))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"dide-eval: error: {e}", file=sys.stderr)
+        return 2
     loader = build_loader(cfg, "val")
     if retrieval:
         json.dump(evaluate_retrieval(model, loader, retrieval), sys.stdout, indent=2)
@@ -207,3 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     json.dump(res, sys.stdout, indent=2)
     print()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ evaluations (never N x M transformer passes, as a fusion model needs).
 """
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from typing import Callable
@@ -118,3 +119,131 @@ def compare_vqa_throughput(student, teacher, images: Images, input_ids: torch.Te
     res["speedup_uncached"] = res["student_uncached"] / res["teacher"]
     res["speedup_cached"] = res["student_cached"] / res["teacher"]
     return res
+
+
+class Predictor:
+    """Answers from an exported model folder, with nothing else: no DeepSpeed, no teacher, no
+    run directory.  Images (PIL images, encoded bytes or file paths) are sized exactly as in
+    training (the folder's ``preprocessor_config.json``), texts tokenised with the folder's
+    tokenizer.  A dual encoder's image embeddings are cached by content (``cache_size``
+    images), so more questions about an image cost one text-tower pass each.
+
+        predictor = Predictor.from_pretrained("runs/finetune_vqa/best")
+        predictor.answer([Image.open("kitchen.jpg")] * 2, ["what is on the table?", "is the light on?"])
+        # [[('plate', 0.71)], [('yes', 0.93)]]
+    """
+
+    def __init__(self, model, tokenizer, geometry, device="cpu", dtype: torch.dtype = torch.float32,
+                 cache_size: int = 1024):
+        self.model, self.tokenizer, self.geometry = model.eval().to(device=device, dtype=dtype), tokenizer, geometry
+        self.device, self.dtype = torch.device(device), dtype
+        self.dual = hasattr(model, "encode_image")
+        self.inf = DualEncoderInference(self.model, device, dtype, prepare=False) if self.dual else None
+        self.cache: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
+        self.cache_size = cache_size
+        self.labels = model.labels or (["no match", "match"] if model.task == "itm" else None)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu", dtype: torch.dtype = torch.float32, **kw) -> "Predictor":
+        """A local folder written by ``dide_scale.export``, or a Hub repository id."""
+        import os
+        from transformers import AutoTokenizer
+
+        from .export import read_geometry
+        from .models.build import load_pretrained
+        root = path if os.path.isdir(path) else _snapshot(path)
+        return cls(load_pretrained(root), AutoTokenizer.from_pretrained(root), read_geometry(root), device, dtype,
+                   **kw)
+
+    # -- inputs ----------------------------------------------------------------------------
+    @staticmethod
+    def _key(image) -> str:
+        import hashlib
+        if isinstance(image, (bytes, bytearray)):
+            return hashlib.sha1(image).hexdigest()
+        if isinstance(image, str):
+            return "path:" + image
+        return hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+
+    def images(self, images: list) -> Images:
+        """PIL images, encoded bytes or paths -> the padded patch batch the model takes."""
+        import io
+
+        from PIL import Image
+
+        from .data.transforms import pack_patches, resize_image
+        from .models.images import patchify
+        p = self.geometry.patch
+        items = []
+        for im in images:
+            if isinstance(im, (bytes, bytearray)):
+                im = Image.open(io.BytesIO(im))
+            elif isinstance(im, str):
+                im = Image.open(im)
+            t = resize_image(im, self.geometry)
+            items.append((patchify(t, p), t.shape[1] // p, t.shape[2] // p))
+        return Images(*pack_patches(items, self.geometry.max_patches))
+
+    def texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.model.shape.max_text_len, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def embed_images(self, images: list) -> torch.Tensor:
+        """Cached image embeddings [N, width] (a dual encoder's pooled [CLS] vectors)."""
+        if not self.dual:
+            raise ValueError("a fusion model has no image embeddings of its own: it reads image and text together")
+        keys = [self._key(im) for im in images]
+        todo = {k: im for k, im in zip(keys, images) if k not in self.cache}
+        if todo:
+            emb = self.inf.encode_images(self.images(list(todo.values())))
+            for k, e in zip(todo, emb):
+                self.cache[k] = e
+        for k in keys:
+            self.cache.move_to_end(k)
+        out = torch.stack([self.cache[k] for k in keys])
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return out
+
+    # -- outputs ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, images: list, texts: list[str], images2: list | None = None) -> torch.Tensor:
+        """Task logits for aligned rows: text i with image i (and image2 i for NLVR2)."""
+        ids, mask = self.texts(texts)
+        if self.dual:
+            second = self.embed_images(images2) if images2 is not None else None
+            return self.inf.predict(self.inf.encode_texts(ids, mask), self.embed_images(images), second).float()
+        pix = self.inf_images(images)
+        pix2 = self.inf_images(images2) if images2 is not None else None
+        return self.model(pix, ids, mask, pix2).logits.float()
+
+    def inf_images(self, images: list) -> Images:
+        im = self.images(images)
+        return Images(im.patches.to(self.device, self.dtype).div(255.0), im.coord.to(self.device),
+                      im.valid.to(self.device))
+
+    def answer(self, images: list, questions: list[str], images2: list | None = None,
+               top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` answers with their scores for each (image, question) row: VQA answers
+        with sigmoid scores, SNLI-VE / NLVR2 / ITM labels with softmax probabilities."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images for {len(questions)} questions: one image per question")
+        logits = self.logits(images, questions, images2)
+        probs = torch.sigmoid(logits) if self.model.task == "vqa" else torch.softmax(logits, -1)
+        top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        names = self.labels or [str(i) for i in range(probs.shape[-1])]
+        return [[(names[i], round(float(v), 6)) for v, i in zip(vals, idx)]
+                for vals, idx in zip(top.values.tolist(), top.indices.tolist())]
+
+    @torch.inference_mode()
+    def scores(self, images: list, texts: list[str]) -> torch.Tensor:
+        """[texts, images] match scores of every text with every image (an ITM dual encoder:
+        N + M tower passes and N x M small MLPs)."""
+        ids, mask = self.texts(texts)
+        return self.inf.pair_scores(self.inf.encode_texts(ids, mask), self.embed_images(images))
+
+
+def _snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id)

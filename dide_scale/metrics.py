@@ -221,11 +221,16 @@ def setup_logging(rank: int, run_dir: str | None = None) -> None:
     h.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     h.setFormatter(fmt)
     root.addHandler(h)
+    quiet = logging.getLogger("dide_scale.file")  # what belongs in the log file but not on the console
+    quiet.handlers.clear()
+    quiet.propagate = False
+    quiet.setLevel(logging.INFO)
     if run_dir:
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank:03d}.log"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
+        quiet.addHandler(fh)
     root.propagate = False
 
 

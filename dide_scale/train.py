@@ -314,7 +314,8 @@ def _run(cfg: RunConfig, env: distributed.DistEnv, ds_config: dict, stop: StopSi
             summary["best"] = st.best
         if env.is_main:
             from .export import export_from_checkpoint
-            export_from_checkpoint(run_dir, run_dir / "export", engines.student_module, tag_for(st.step))
+            export_from_checkpoint(run_dir, run_dir / "export", engines.student_module, tag_for(st.step), cfg,
+                                   best=None)
         summary["export"] = str(run_dir / "export")
     if "eval" in summary:
         metrics.hparams({"task": cfg.train.task, "lr": cfg.optim.lr, "global_batch": cfg.train.global_batch_size,
@@ -389,7 +390,7 @@ def keep_if_best(st: TrainState, result: dict, save_checkpoint, module, cfg, is_
         from .checkpoint import tag_for
         from .export import export_from_checkpoint
         best = Path(cfg.train.output_dir) / "best"
-        export_from_checkpoint(Path(cfg.train.output_dir), best, module, tag_for(st.step))
+        export_from_checkpoint(Path(cfg.train.output_dir), best, module, tag_for(st.step), cfg, best=st.best)
         (best / "best.json").write_text(json.dumps({**st.best, "split": cfg.data.val_shards}, indent=2))
         log.info("new best on the dev split: %.4f at step %d -> %s", st.best["accuracy"], st.step, best)
 

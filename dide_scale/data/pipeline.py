@@ -535,12 +535,19 @@ class ResumableLoader:
 
 
 def answer_list(cfg) -> list[str]:
-    """The VQA answer vocabulary of a RunConfig (data.answer_vocab, or the demo's answers),
-    checked against data.num_answers."""
-    import json
+    """The VQA answer vocabulary of a RunConfig (data.answer_vocab: a JSON list, or a model
+    directory's id2label; else the demo's answers), checked against data.num_answers."""
     from .demo import ANSWERS
-    if cfg.data.answer_vocab:
-        with open(cfg.data.answer_vocab) as f:
+    src = cfg.data.answer_vocab
+    if src and os.path.isdir(src):
+        from ..labels import names_from_id2label
+        cfg_file = Path(src) / "config.json"
+        names = names_from_id2label(json.loads(cfg_file.read_text()).get("id2label")) if cfg_file.is_file() else None
+        if not names:
+            raise ValueError(f"data.answer_vocab={src}: a directory without answer names (config.json id2label)")
+        answers = names
+    elif src:
+        with open(src) as f:
             answers = json.load(f)
     else:
         answers = list(ANSWERS)

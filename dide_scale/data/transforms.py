@@ -104,12 +104,8 @@ def load_tokenizer(name: str):
 def decode_image(data: bytes, geometry: Geometry, max_pixels: int, draft: bool = False) -> torch.Tensor:
     """JPEG/PNG bytes -> uint8 [3, H, W] at ``geometry``'s size for this image.
 
-    The header is read first (no pixel decode) to reject oversized images.  The resize is
-    ``torch.nn.functional.interpolate(mode='bicubic', antialias=True)`` on uint8, which is
-    what transformers' ``ViltImageProcessor`` runs on CPU, so a teacher sees the pixels its
-    own processor would give it.  ``draft`` lets libjpeg decode large JPEGs at a reduced DCT
-    scale first (much faster for photos several times the target size, but the pixels then
-    differ slightly from the processor's).
+    The header is read first (no pixel decode) to reject oversized images; then
+    :func:`resize_image`.  Undecodable data raises ``SkipSample``.
     """
     if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         raise SkipSample("truncated_image")  # no end-of-image marker: libjpeg would pad silently
@@ -117,19 +113,30 @@ def decode_image(data: bytes, geometry: Geometry, max_pixels: int, draft: bool =
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             raise SkipSample("oversized_image")
-        h, w = geometry.output_size(img.height, img.width)  # from the original size, draft or not
-        if draft and img.format == "JPEG":
-            img.draft("RGB", (w, h))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        # [1, 3, H, W] over the HWC buffer (asarray runs the decode); built from the 4-d view so
-        # its strides say channels-last unambiguously and the resize returns channels-last too
-        # (patchify then reads contiguous pixel rows)
-        t = torch.from_numpy(np.asarray(img))[None].permute(0, 3, 1, 2)
+        return resize_image(img, geometry, draft)
     except SkipSample:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise SkipSample("corrupt_image") from None
+
+
+def resize_image(img: Image.Image, geometry: Geometry, draft: bool = False) -> torch.Tensor:
+    """A PIL image -> uint8 [3, H, W] at ``geometry``'s size for it.
+
+    The resize is ``torch.nn.functional.interpolate(mode='bicubic', antialias=True)`` on uint8,
+    which is what transformers' ``ViltImageProcessor`` runs on CPU, so a teacher sees the
+    pixels its own processor would give it.  ``draft`` lets libjpeg decode large JPEGs at a
+    reduced DCT scale first (much faster for photos several times the target size, but the
+    pixels then differ slightly from the processor's)."""
+    h, w = geometry.output_size(img.height, img.width)  # from the original size, draft or not
+    if draft and img.format == "JPEG":
+        img.draft("RGB", (w, h))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    # [1, 3, H, W] over the HWC buffer (asarray runs the decode); built from the 4-d view so its
+    # strides say channels-last unambiguously and the resize returns channels-last too
+    # (patchify then reads contiguous pixel rows)
+    t = torch.from_numpy(np.asarray(img))[None].permute(0, 3, 1, 2)
     if t.shape[2:] != (h, w):
         t = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
     return t[0]

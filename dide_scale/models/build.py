@@ -7,37 +7,62 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .fusion import FusionEncoder
+from .hub import WEIGHTS, load_weights
 from .images import conv_to_linear
 from .student import DualEncoder, TowerShape
-
-WEIGHTS = "model.safetensors"
 
 
 # -- export / import -------------------------------------------------------------------------
 
-def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (atomically, via a temp dir rename)."""
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict | None = None,
+                    card: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` + a model card (``card``'s fields), and
+    whatever ``extra(tmp_dir)`` adds, atomically via a temp dir rename.  ``state_dict`` (e.g. consolidated from a sharded
+    checkpoint) replaces the model's own weights: they are loaded into a fresh CPU copy, so
+    ``model`` itself may be a partitioned module inside an engine."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    sd = state_dict if state_dict is not None else model.state_dict()
-    drop = getattr(model, "training_only", ())
-    sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / WEIGHTS))
-    (tmp / "config.json").write_text(json.dumps(model.export_config(), indent=2))
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if state_dict is not None:
+        fresh = type(model).from_config(model.export_config())
+        missing, unexpected = fresh.load_state_dict(
+            {k: v for k, v in state_dict.items() if not k.startswith(fresh.training_only)}, strict=False)
+        missing = [k for k in missing if not k.startswith(fresh.training_only)]
+        if missing or unexpected:
+            raise ValueError(f"the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model = fresh
+    model.save_pretrained(tmp, model_card_kwargs=card_fields(model, card))
+    if extra is not None:
+        extra(tmp)
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def card_fields(model, card: dict | None) -> dict:
+    """What the model card template (``models.hub.MODEL_CARD``) fills in."""
+    s = model.shape
+    c = {"title": f"dide_scale {'dual-encoder student' if model.model_type == 'dide_dual_encoder' else 'fusion model'}"
+                  f" ({model.task})",
+         "kind": "dual-encoder vision-language student (two towers, shallow fusion)"
+                 if model.model_type == "dide_dual_encoder" else "fusion-encoder vision-language model",
+         "task": model.task, "shape": f"{s.depth} blocks x {s.width} wide, {s.heads} heads, patch {s.patch_size}, "
+                                      f"{s.max_text_len} text tokens",
+         "teacher": "", "data": "-", "selected": "the last step", "repo_id": "path/to/this/folder"}
+    c.update(card or {})
+    return c
 
 
 def read_model_config(path: str | os.PathLike, expected: tuple[str, ...]) -> dict:
@@ -53,27 +78,25 @@ def read_model_config(path: str | os.PathLike, expected: tuple[str, ...]) -> dic
     return cfg
 
 
+MODEL_TYPES = {"dide_dual_encoder": DualEncoder, "dide_fusion": FusionEncoder}
+
+
 def load_pretrained(path: str | os.PathLike, tap_layer: int = -1, task: str | None = None,
                     num_classes: int | None = None) -> nn.Module:
-    """Load an exported DualEncoder or FusionEncoder.
+    """Load an exported DualEncoder or FusionEncoder (a local directory; for a Hub repository
+    use the class's ``from_pretrained``).
 
     ``task``/``num_classes`` re-head the model (e.g. start VQA fine-tuning from a
     pre-trained ITM student): the towers load, the new head starts fresh.
     """
-    cfg = read_model_config(path, ("dide_dual_encoder", "dide_fusion"))
-    cls = DualEncoder if cfg["model_type"] == "dide_dual_encoder" else FusionEncoder
+    cfg = read_model_config(path, tuple(MODEL_TYPES))
+    cls = MODEL_TYPES[cfg["model_type"]]
     new_task = task or cfg["task"]
     n = num_classes if num_classes is not None else cfg["num_classes"]
-    model = cls(TowerShape(**cfg["shape"]), new_task, n, tap_layer)
-    sd = load_file(str(Path(path) / WEIGHTS))
-    if new_task != cfg["task"] or n != cfg["num_classes"]:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if new_task == cfg["task"] and cfg.get("id2label"):
-        model.labels = [str(v) for _, v in sorted((int(k), v) for k, v in cfg["id2label"].items())]
+    rehead = new_task != cfg["task"] or n != cfg["num_classes"]
+    model = cls.from_config({**cfg, "task": new_task, "num_classes": n, **({"id2label": None} if rehead else {})},
+                            tap_layer)
+    load_weights(model, Path(path) / WEIGHTS, str(path), drop_prefix="head." if rehead else None)
     return model
 
 
@@ -304,7 +327,9 @@ def build_teacher(cfg) -> nn.Module | None:
         return None
     t = cfg.teacher
     if t.kind == "hf_vilt":
+        import transformers
         from .hf_vilt import HFViltTeacher
+        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on the console
         teacher = HFViltTeacher.from_pretrained(t.path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
     else:
         read = read_model_config(t.path, ("dide_fusion",))  # before loading: the clearer error first

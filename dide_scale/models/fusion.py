@@ -14,11 +14,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import QKTap, additive_mask, joint_outputs, resolve_layer, run_tapped
+from .hub import Exportable, labels_of
 from .images import Images, Normalize
 from .student import StudentOutput, TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
 
 
-class FusionEncoder(nn.Module):
+class FusionEncoder(nn.Module, Exportable):
     """ViLT-style fusion model with a task head.
 
     ``forward`` returns the task logits; with ``capture=True`` it also returns one
@@ -84,8 +85,7 @@ class FusionEncoder(nn.Module):
         per mapped block pair.  Trained with the student, dropped from exports."""
         self.distill_proj = nn.ModuleList(nn.Linear(self.shape.width, teacher_width) for _ in range(n))
 
-    # state-dict prefixes that exist only for training (save_pretrained drops them)
-    training_only = ("distill_proj.",)
+    training_only = ("distill_proj.",)  # exists only for training: exports drop it
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -146,12 +146,21 @@ class FusionEncoder(nn.Module):
         """The task head only (optim.head_lr_mult), as ViLT's lr_mult."""
         return list(self.head.parameters())
 
+    model_type = "dide_fusion"
+
     def export_config(self) -> dict:
-        cfg = {"model_type": "dide_fusion", "task": self.task, "num_classes": self.num_classes,
+        cfg = {"model_type": self.model_type, "task": self.task, "num_classes": self.num_classes,
                "shape": asdict(self.shape)}
         if self.labels:  # the head's output names, in transformers' convention
             cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
         return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict, tap_layer: int = -1) -> "FusionEncoder":
+        """The model an exported ``config.json`` describes (weights not loaded)."""
+        model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
+        model.labels = labels_of(cfg)
+        return model
 
 
 def joint_passes(joint, images: Images, input_ids, attention_mask, images2: Images | None, capture: bool,

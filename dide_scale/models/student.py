@@ -20,6 +20,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings
 from ..distributed import exchange_capacity, gather_rows, world_size
 from ..losses import contrastive, mine_hard_negatives
 from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
+from .hub import Exportable, labels_of
 from .images import Images, Normalize
 
 
@@ -188,7 +189,7 @@ class StudentOutput:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # device scalars for the metrics
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(nn.Module, Exportable):
     """The DiDE student.
 
     ``encode_image`` / ``encode_text`` run one tower each (cacheable); ``pool_image`` /
@@ -326,9 +327,18 @@ class DualEncoder(nn.Module):
         poolers train at the base rate, as in ViLT/DiDE's lr_mult)."""
         return list(self.head.parameters())
 
+    model_type = "dide_dual_encoder"
+
     def export_config(self) -> dict:
-        cfg = {"model_type": "dide_dual_encoder", "task": self.task, "num_classes": self.num_classes,
+        cfg = {"model_type": self.model_type, "task": self.task, "num_classes": self.num_classes,
                "shape": asdict(self.shape)}
         if self.labels:  # the head's output names, in transformers' convention
             cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
         return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict, tap_layer: int = -1) -> "DualEncoder":
+        """The model an exported ``config.json`` describes (weights not loaded)."""
+        model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
+        model.labels = labels_of(cfg)
+        return model

@@ -1,0 +1,1 @@
+"""The data loading pipeline: decoding, shards, streaming, converters."""
