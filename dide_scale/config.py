@@ -120,7 +120,7 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of every loss part (METHOD.md); 0 switches a part off."""
+    """Weights of every loss part (docs/METHOD.md); 0 switches a part off."""
 
     attn_t2i: float = 1.0
     """Text-to-image attention KL(teacher || student)."""

@@ -1,4 +1,4 @@
-"""The DiDE losses (METHOD.md), as pure functions of tensors."""
+"""The DiDE losses (docs/METHOD.md), as pure functions of tensors."""
 from __future__ import annotations
 
 import math

@@ -3,8 +3,11 @@ slurmd daemons emulating the nodes ``node1`` and ``node2`` (both 127.0.0.1).
 
 Everything lives in one folder: a private munge key and socket, ``slurm.conf`` (used
 through ``SLURM_CONF``), state, spool, pid and log files.  Ports are picked free at start,
-so the cluster does not collide with another SLURM on the machine.  See
-../shared/slurm-local.md for what was tried and why these settings.
+so the cluster does not collide with another SLURM on the machine.  Settings that
+matter: the nodes are emulated by one slurmd each (``slurmd -N nodeN``, distinct ports),
+``cred_expire`` and ``sched_interval=1`` bring a requeued job back in seconds,
+``KillOnBadExit=1`` is what production clusters often set, and daemons are started
+directly (Debian's package scripts cannot start services here).
 
     cluster = SlurmCluster(tmp_dir)
     why = cluster.start()          # None, or why there is no cluster (the caller skips)

@@ -103,7 +103,8 @@ def interrupt_after(monkeypatch, n):
         if calls["n"] > n:
             raise KeyboardInterrupt("simulated crash")
         return real(path)
-    monkeypatch.setattr(C, "image_bytes", flaky)
+    for module in (C.coco, C.vg, C.vqa):  # each converter module reads images with its own name for it
+        monkeypatch.setattr(module, "image_bytes", flaky)
     return calls
 
 

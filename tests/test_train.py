@@ -32,7 +32,7 @@ def test_distillation_run_end_to_end(demo_shards, teacher_dir, tmp_path):
         demo_shards, out, **{"teacher.path": str(teacher_dir), "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0,
                              "loss.soft_label": 1.0, "loss.ground_truth": 0.5, "train.save_every": 2})]
     assert main(argv) == 0
-    # the run directory holds everything DESIGN.md promises
+    # the run directory holds everything the README promises
     assert (out / "config.yaml").exists() and (out / "ds_config.json").exists()
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text() == "step_00000004"

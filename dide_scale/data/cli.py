@@ -4,7 +4,7 @@
     dide-data inspect SHARD.tar ...
 
 Converters (official files -> shards + sizes.json; resumable: re-run the same command
-after an interruption; see dide_scale/data/convert.py for the choices made):
+after an interruption; see dide_scale/data/convert/ for the choices made):
 
     dide-data coco --annotations captions_train2014.json captions_val2014.json --images COCO_DIR \\
         --karpathy dataset_coco.json --out DIR

@@ -3,7 +3,7 @@
 Everything is drawn by the project, seeded and reproducible, and written as real
 webdataset shards in the img2dataset layout, so the demo needs no download.
 
-Question types are graded in difficulty (METHOD.md's notes): existence and attributes
+Question types are graded in difficulty: existence and attributes
 are learned first, counting and spatial relations later.  Every answer needs the image
 *and* the text.  Accuracy is reported per type.
 """
@@ -110,7 +110,9 @@ def question(scene: list[Obj], rng: random.Random, qtype: str | None = None) -> 
         a, b = rng.sample(u, 2)
         true_rels = [r for r, (dr, dc) in RELATIONS.items()
                      if (dr and (b.row - a.row) * dr < 0) or (dc and (b.col - a.col) * dc < 0)]
-        rel = rng.choice(true_rels) if true_rels and rng.random() < 0.5 else rng.choice(list(RELATIONS))
+        false_rels = [r for r in RELATIONS if r not in true_rels]
+        # yes and no equally often, so a model that ignores the image scores 50%, not a majority
+        rel = rng.choice(true_rels if true_rels and (rng.random() < 0.5 or not false_rels) else false_rels)
         return f"is the {a.name} {rel} the {b.name} ?", "yes" if rel in true_rels else "no", qtype
     # existence, balanced yes/no
     if rng.random() < 0.5:

@@ -1,5 +1,5 @@
 """The dual-encoder student: an image tower and a text tower that never see each other,
-a shallow fusion MLP on their [CLS] states, and the task heads (METHOD.md).
+a shallow fusion MLP on their pooled [CLS] states, and the task heads (docs/METHOD.md).
 
 Plain ``nn.Module``s: no parallelism API is imported here.
 """

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""DiDE's second claim on the demo task: distillation in pre-training *and* fine-tuning beats
+distillation in fine-tuning alone.
+
+Per seed, on the demo's scenes (their shards carry captions for ITM and questions for VQA):
+
+  teacher_itm    a fusion teacher pre-trained on image-text matching (ground truth)
+  teacher_vqa    that teacher fine-tuned on the VQA questions (ground truth)
+  pre_gt         a dual encoder pre-trained on ITM + ITC from ground truth
+  pre_kd         the same pre-training distilled from teacher_itm (attention, soft ITM labels)
+
+then four dual-encoder students, every one pre-trained for --pretrain-steps and fine-tuned
+for --finetune-steps (the same total), each chained as a user would (``dide-pretrain``,
+then ``dide-finetune`` with ``student.init=export:...``):
+
+  none           pre_gt, fine-tuned on ground truth            (no distillation anywhere)
+  ft_kd          pre_gt, fine-tuned distilling teacher_vqa      (distillation in fine-tuning only)
+  both_kd        pre_kd, fine-tuned distilling teacher_vqa      (in pre-training and fine-tuning)
+  pre_kd_ft_gt   pre_kd, fine-tuned on ground truth            (in pre-training only)
+
+Fine-tuning distillation is the paper's: attention KL (t2i + i2t) + soft labels, ground
+truth weight 0.  Reported: held-out accuracy per question type (mean ± std over seeds), the
+fraction of the teacher's gap over ``none`` each student closes, and a plot of held-out
+accuracy against fine-tuning step (seed spread shaded).
+
+    python tools/bench_stages.py --out runs/stages --seeds 0,1,2 --md docs/bench_stages.md --plot docs/stages.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STUDENTS = {
+    "none": ("no distillation", "pre_gt", False),
+    "ft_kd": ("distillation in fine-tuning only", "pre_gt", True),
+    "both_kd": ("distillation in pre-training and fine-tuning", "pre_kd", True),
+    "pre_kd_ft_gt": ("distillation in pre-training only", "pre_kd", False),
+}
+DISTIL = ["loss.attn_t2i=1.0", "loss.attn_i2t=1.0", "loss.soft_label=1.0"]
+NO_DISTIL = ["loss.attn_t2i=0", "loss.attn_i2t=0", "loss.soft_label=0"]
+
+
+def data_overrides(data: Path, task: str) -> list[str]:
+    from dide_scale.demo import _last
+    train, val = data / "vqa" / "train", data / "vqa" / "val"
+    out = [f"data.train_shards={train}/{{00000..{_last(train)}}}.tar", f"train.task={task}"]
+    out.append(f"data.val_shards={val}/{{00000..{_last(val)}}}.tar" if task == "vqa" else "data.val_shards=")
+    return out
+
+
+def run(name: str, out: Path, overrides: list[str], steps: int, seed: int, config: str) -> Path:
+    """One training run (skipped when its export exists: an interrupted benchmark resumes)."""
+    from dide_scale.demo import train_one
+    d = out / name
+    if not (d / "export" / "config.json").exists():
+        summary = train_one(name, [*overrides, f"train.output_dir={d}", f"train.max_steps={steps}",
+                                   f"train.seed={seed}", f"train.eval_every={max(steps // 8, 1)}"], config)
+        if summary["exit_code"]:
+            raise RuntimeError(f"{name} did not finish (exit code {summary['exit_code']})")
+    return d
+
+
+def curve(run_dir: Path) -> dict:
+    """Held-out accuracy per evaluation step (overall and per type), from TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir / "tb"))
+    ea.Reload()
+    tags = [t for t in ea.Tags()["scalars"] if t == "eval/accuracy" or t.startswith("eval/acc_")]
+    return {t.split("/", 1)[1]: [(e.step, e.value) for e in ea.Scalars(t)] for t in tags}
+
+
+def run_seed(out: Path, data: Path, seed: int, args) -> dict:
+    c = args.config
+    fusion = ["student.kind=fusion", "loss.ground_truth=1.0", *NO_DISTIL]
+    t_itm = run("teacher_itm", out, [*data_overrides(data, "itm"), *fusion], args.teacher_itm_steps, seed, c)
+    t_vqa = run("teacher_vqa", out, [*data_overrides(data, "vqa"), *fusion,
+                                     f"student.init=export:{t_itm / 'export'}"], args.teacher_vqa_steps, seed, c)
+    itm = [*data_overrides(data, "itm"), "loss.ground_truth=1.0", "loss.itc=1.0"]
+    pre = {"pre_gt": run("pre_gt", out, [*itm, *NO_DISTIL], args.pretrain_steps, seed, c),
+           "pre_kd": run("pre_kd", out, [*itm, *DISTIL, f"teacher.path={t_itm / 'export'}"], args.pretrain_steps,
+                         seed, c)}
+    res = {"teacher": curve(t_vqa)}
+    for key, (_, start, kd) in STUDENTS.items():
+        loss = [*DISTIL, "loss.ground_truth=0.0", f"teacher.path={t_vqa / 'export'}"] if kd else \
+            [*NO_DISTIL, "loss.ground_truth=1.0"]
+        d = run(key, out, [*data_overrides(data, "vqa"), *loss, f"student.init=export:{pre[start] / 'export'}"],
+                args.finetune_steps, seed, c)
+        res[key] = curve(d)
+    return res
+
+
+def final(res: dict, key: str, qtype: str = "accuracy") -> float:
+    name = "accuracy" if qtype == "accuracy" else f"acc_{qtype}"
+    return res[key][name][-1][1]
+
+
+def table(results: list[dict], args) -> str:
+    def ms(vals):
+        vals = [100 * v for v in vals]
+        return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+    qtypes = sorted(k[4:] for k in results[0]["teacher"] if k.startswith("acc_"))
+    rows = [("teacher", f"fusion teacher (ITM {args.teacher_itm_steps} + VQA {args.teacher_vqa_steps} steps)")] + \
+        [(k, v[0]) for k, v in STUDENTS.items()]
+    lines = [f"Held-out accuracy, % (mean ± std over {len(results)} seed(s)); students: {args.pretrain_steps} "
+             f"pre-training + {args.finetune_steps} fine-tuning steps each", "",
+             "| model | all | " + " | ".join(qtypes) + " | teacher gap closed |",
+             "|---|---|" + "---|" * len(qtypes) + "---|"]
+    for key, label in rows:
+        cells = [ms([final(r, key) for r in results])] + [ms([final(r, key, q) for r in results]) for q in qtypes]
+        if key in ("teacher", "none"):
+            gap = "-"
+        else:
+            closed = [(final(r, key) - final(r, "none")) / max(1e-9, final(r, "teacher") - final(r, "none"))
+                      for r in results]
+            gap = f"{100 * statistics.mean(closed):.0f}% ({', '.join(f'{100 * c:.0f}' for c in closed)})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {gap} |")
+    lines += ["", "Per seed (overall %): " + "; ".join(
+        f"seed {s}: " + ", ".join(f"{k} {100 * final(r, k):.1f}" for k, _ in rows)
+        for s, r in zip(args.seed_list, results))]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, label in [("teacher", "fusion teacher (its own fine-tuning)")] + [(k, v[0]) for k, v in STUDENTS.items()]:
+        steps = [s for s, _ in results[0][key]["accuracy"]]
+        vals = np.array([[v for _, v in r[key]["accuracy"]] for r in results]) * 100
+        mean = vals.mean(0)
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=label, ls="--" if key == "teacher" else "-")
+        if len(results) > 1:
+            ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("held-out VQA accuracy, %")
+    ax.set_title(f"Demo task, {len(results)} seed(s): mean, shaded min-max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/stages")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--train-samples", type=int, default=20_000)
+    ap.add_argument("--val-samples", type=int, default=2_000)
+    ap.add_argument("--teacher-itm-steps", type=int, default=1500)
+    ap.add_argument("--teacher-vqa-steps", type=int, default=3000)
+    ap.add_argument("--pretrain-steps", type=int, default=1000)
+    ap.add_argument("--finetune-steps", type=int, default=1200)
+    ap.add_argument("--md", default=None, help="also write the table here")
+    ap.add_argument("--plot", default=None, help="write the learning-curve plot (PNG) here")
+    args = ap.parse_args(argv)
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    from dide_scale.demo import make_data
+    from dide_scale.metrics import setup_logging
+    import torch
+    setup_logging(0)
+    out = Path(args.out)
+    t0 = time.time()
+    make_data(out / "data", args.train_samples, args.val_samples)
+    results = []
+    for seed in args.seed_list:
+        results.append(run_seed(out / f"seed{seed}", out / "data", seed, args))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = table(results, args)
+    md += (f"\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; wall time {time.time() - t0:.0f} s.")
+    print(md)
+    if args.md:
+        Path(args.md).write_text(md + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
