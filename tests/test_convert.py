@@ -220,14 +220,14 @@ def test_img2dataset_reshard_and_resume(i2d, tmp_path, monkeypatch):
     assert set(samples[0][1]) == {"jpg", "txt", "json"} and st["samples"] == 10
     assert SampleDecoder("itm", SIZE)(samples[-1][1])["text"] == "caption 20001"
     # interrupted mid-way (inside the second input shard), then resumed
-    real, n = C._TarCursor.get, {"calls": 0}
+    real, n = C.img2dataset._TarCursor.get, {"calls": 0}
 
     def flaky(self, path, key):
         n["calls"] += 1
         if n["calls"] > 6:
             raise KeyboardInterrupt
         return real(self, path, key)
-    monkeypatch.setattr(C._TarCursor, "get", flaky)
+    monkeypatch.setattr(C.img2dataset._TarCursor, "get", flaky)
     with pytest.raises(KeyboardInterrupt):
         C.convert_img2dataset(i2d, tmp_path / "out", samples_per_shard=4)
     assert read_sizes(tmp_path / "out") == {"00000.tar": 4}
