@@ -66,7 +66,7 @@ def measure_throughput(run_dir: Path, data: Path, config: str, n: int = 256) -> 
     from .config import load_config
     from .data.pipeline import build_loader
     from .inference import compare_vqa_throughput
-    from .models.build import load_pretrained
+    from .models.saved import load_pretrained
     cfg = load_config(config, [f"data.val_shards={data}/vqa/val/00000.tar", "data.num_workers=0"])
     batch = next(iter(build_loader(cfg, "val", batch_size=n)))
     teacher = load_pretrained(run_dir / "teacher" / "export")

@@ -86,6 +86,7 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
 
 def _sum_over_ranks(score_sum: float, n: int, per_type: dict, group=None):
     import torch.distributed as dist
+
     from .distributed import world_size
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, (score_sum, n, dict(per_type)), group=group)
@@ -201,7 +202,7 @@ def export_settings(model_dir: str, model) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, load_config
     from .data.pipeline import answer_list, build_loader
-    from .models.build import load_pretrained
+    from .models.saved import load_pretrained
     ap = argparse.ArgumentParser(prog="dide-eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="exported model folder (what dide_scale.export writes); its "
                                                    "tokenizer, image geometry and answer names are used")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import Checkpointer, verify
-from .models.build import save_pretrained
+from .models.saved import save_pretrained
 
 PREPROCESSOR = "preprocessor_config.json"
 file_log = logging.getLogger("dide_scale.file")  # the run's log file only, not the console
@@ -61,10 +61,12 @@ def export_from_checkpoint(run_dir: str | Path, out_dir: str | Path, module=None
         sd = consolidated_state_dict(ck.dir, tag)
     if cfg is None:
         import yaml
+
         from .config import config_from_dict
         cfg = config_from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
     if module is None:
         import copy
+
         from .models.build import build_student
         bare = copy.deepcopy(cfg)
         bare.student.init = "random"

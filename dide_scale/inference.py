@@ -147,10 +147,11 @@ class Predictor:
     def from_pretrained(cls, path: str, device="cpu", dtype: torch.dtype = torch.float32, **kw) -> "Predictor":
         """A local folder written by ``dide_scale.export``, or a Hub repository id."""
         import os
+
         from transformers import AutoTokenizer
 
         from .export import read_geometry
-        from .models.build import load_pretrained
+        from .models.saved import load_pretrained
         root = path if os.path.isdir(path) else _snapshot(path)
         return cls(load_pretrained(root), AutoTokenizer.from_pretrained(root), read_geometry(root), device, dtype,
                    **kw)

@@ -1,8 +1,6 @@
 """The DiDE losses (docs/METHOD.md), as pure functions of tensors."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

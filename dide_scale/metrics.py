@@ -261,7 +261,7 @@ def attention_figure(teacher_t2i, student_t2i, teacher_i2t, student_i2t, grid_hw
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=60)
     plt.close(fig)
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     arr = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     return torch.from_numpy(arr).permute(2, 0, 1)

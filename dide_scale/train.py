@@ -455,7 +455,7 @@ def preflight(cfg: RunConfig, world_size: int = 1) -> None:
     tokenizer."""
     from .data.pipeline import check_streams, expand_sources
     from .data.transforms import load_tokenizer
-    from .models.build import read_model_config
+    from .models.saved import read_model_config
     sources = expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
     check_streams(sources, cfg, world_size)
     if cfg.data.val_shards:

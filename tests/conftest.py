@@ -1,10 +1,9 @@
 """Shared fixtures: tiny demo shards and tiny configs, made by the tests themselves."""
 from __future__ import annotations
 
+import hashlib  # noqa: E402
 import json
 import os
-
-import hashlib  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import record, tiny_overrides
 from dist_utils import free_port
+
 from dide_scale.train import main
 
 

@@ -13,12 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import record, tiny_overrides
+
 from dide_scale import distributed
 from dide_scale.config import ConfigError, load_config
 from dide_scale.lease import LEASE, LeaseHeld, RunLease
-
 
 # -- devices, ports, resources -------------------------------------------------------------
 

@@ -71,8 +71,9 @@ def test_ds_config_conflicts_fail(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    from dide_scale.config import config_from_dict, save_resolved
     import yaml
+
+    from dide_scale.config import config_from_dict, save_resolved
     cfg = load_config("debug", ["train.max_steps=3"])
     save_resolved(cfg, tmp_path, {"a": 1})
     back = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))

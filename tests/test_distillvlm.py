@@ -8,19 +8,20 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import labelled, tiny_overrides
+from dist_utils import run_ranks
 from safetensors.torch import load_file
 
-from conftest import labelled, tiny_overrides
 from dide_scale import losses
 from dide_scale.config import ConfigError, LossConfig, load_config
 from dide_scale.models.attention import resolve_layer_map
-from dide_scale.models.build import build_student, build_teacher, load_pretrained, save_pretrained
+from dide_scale.models.build import build_student, build_teacher
 from dide_scale.models.fusion import FusionEncoder
 from dide_scale.models.images import images_from_pixels
+from dide_scale.models.saved import load_pretrained, save_pretrained
 from dide_scale.models.student import TowerShape
 from dide_scale.task import DistillTask
 from dide_scale.train import REQUEUE_EXIT_CODE, StopSignal
-from dist_utils import run_ranks
 
 TEACHER = TowerShape(width=32, depth=4, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128)
 STUDENT_ARCH = "{width: 16, depth: 2, heads: 2, patch_size: 8, image_size: [32, 32], max_text_len: 16, vocab_size: 128}"

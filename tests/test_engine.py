@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import labelled, tiny_overrides
 from dist_utils import run_ranks
 
@@ -55,7 +54,9 @@ def _one_step(cfg, halves, accum):
 def zero_worker(args):
     """Runs on each of 2 ranks: one step per ZeRO stage on this rank's half of the batch."""
     from pathlib import Path
+
     import torch.distributed as dist
+
     from dide_scale import distributed, engine
     env = distributed.detect()
     engine.init_distributed(env, 120)
@@ -76,8 +77,8 @@ def zero_worker(args):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from dide_scale.models.build import save_pretrained
     from dide_scale.models.fusion import FusionEncoder
+    from dide_scale.models.saved import save_pretrained
     from dide_scale.models.student import TowerShape
     torch.manual_seed(1)
     d = tmp_path_factory.mktemp("t") / "teacher"

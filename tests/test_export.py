@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import labelled, tiny_overrides
+
 from dide_scale.data.pipeline import iter_raw_samples
 from dide_scale.train import main
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained(demo_shards, tmp_path_factory):
     """A tiny VQA student distilled from a fusion teacher, evaluated on the dev split."""
-    from dide_scale.models.build import save_pretrained
     from dide_scale.models.fusion import FusionEncoder
+    from dide_scale.models.saved import save_pretrained
     from dide_scale.models.student import TowerShape
     tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ print(json.dumps({{"answers": answers, "cached": len(p.cache)}}))
 
 
 def test_loads_in_one_call_and_round_trips_through_the_hub_mixin(trained, tmp_path):
-    from dide_scale.models.build import load_pretrained
+    from dide_scale.models.saved import load_pretrained
     from dide_scale.models.student import DualEncoder
     a = DualEncoder.from_pretrained(str(trained / "export"))
     b = load_pretrained(trained / "export")

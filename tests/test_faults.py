@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import record, tiny_overrides
+
 from dide_scale.train import REQUEUE_EXIT_CODE, main
 
 
@@ -101,7 +101,9 @@ def test_storage_fault_mid_checkpoint_keeps_previous_intact(demo_shards, tmp_pat
 def test_bad_data_at_scale_is_skipped_counted_and_training_finishes(tmp_path):
     """A shard set with ~10% bad samples of every kind, plus an unreadable shard file."""
     import io
+
     from PIL import Image
+
     from dide_scale.data.demo import generate_split
     from dide_scale.data.pipeline import iter_raw_samples
     from dide_scale.data.shards import ShardWriter

@@ -3,14 +3,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_ARCH, labelled, tiny_overrides
+
 from dide_scale.data.demo import generate_split
-from dide_scale.evaluate import main as eval_main, retrieval_recall
+from dide_scale.evaluate import main as eval_main
+from dide_scale.evaluate import retrieval_recall
 from dide_scale.finetune import main as finetune_main
-from dide_scale.models.build import load_pretrained, save_pretrained
-from dide_scale.models.images import images_from_pixels
 from dide_scale.models.fusion import FusionEncoder
+from dide_scale.models.images import images_from_pixels
+from dide_scale.models.saved import load_pretrained, save_pretrained
 from dide_scale.models.student import TowerShape
 from dide_scale.train import main as pretrain_main
 

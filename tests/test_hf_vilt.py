@@ -7,8 +7,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (ViltConfig, ViltForImageAndTextRetrieval, ViltForImagesAndTextClassification,  # noqa: E402
-                          ViltForQuestionAnswering, ViltModel)
+from transformers import (  # noqa: E402
+    ViltConfig,
+    ViltForImageAndTextRetrieval,
+    ViltForImagesAndTextClassification,
+    ViltForQuestionAnswering,
+    ViltModel,
+)
 
 from dide_scale.models.attention import t2i_i2t  # noqa: E402
 from dide_scale.models.hf_vilt import HFViltTeacher  # noqa: E402

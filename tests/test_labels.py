@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from dide_scale.data.demo import ANSWERS
 from dide_scale.labels import LabelMap, match_labels, names_from_id2label
 from dide_scale.train import main
@@ -62,6 +62,7 @@ def test_a_permuted_teacher_gives_identical_losses(demo_shards, tmp_path):
 
 def test_answers_the_teacher_lacks_are_left_out_and_counted(demo_shards, tmp_path):
     import torch.nn.functional as F
+
     from dide_scale.losses import soft_label_bce
     m = match_labels(["yes", "no", "cat"], ["no", "yes", "dog"], "vqa", min_overlap=0.5)
     assert m.missing == ["cat"] and m.present.tolist() == [True, True, False]
@@ -109,8 +110,9 @@ def test_classification_labels_are_reordered_or_refused_by_name():
 
 
 def test_answers_from_a_teacher_writes_its_order(tmp_path):
-    from dide_scale.data.cli import main as data_main
     from PIL import Image
+
+    from dide_scale.data.cli import main as data_main
     perm = list(range(16))[::-1]
     teacher = vqa_teacher(tmp_path / "t", perm)
     (tmp_path / "img").mkdir()

@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import torch
+from conftest import labelled, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import labelled, tiny_overrides
-from dide_scale.models.build import save_pretrained
 from dide_scale.models.fusion import FusionEncoder
+from dide_scale.models.saved import save_pretrained
 from dide_scale.models.student import TowerShape
 from dide_scale.train import main
 
@@ -44,8 +44,9 @@ def test_tensorboard_has_every_health_signal(demo_shards, tmp_path):
     assert "attention/teacher_vs_student" in tags["images"]
     imgs = acc.Images("attention/teacher_vs_student")
     assert [i.step for i in imgs] == [1, 2, 4]
-    from PIL import Image
     import io
+
+    from PIL import Image
     arr = np.asarray(Image.open(io.BytesIO(imgs[-1].encoded_image_string)))
     assert arr.ndim == 3 and arr.shape[2] >= 3 and np.isfinite(arr).all() and arr.std() > 0
     # config and DeepSpeed config as text at step 0

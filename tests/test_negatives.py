@@ -3,10 +3,8 @@ from the other rank when they are the hardest, with their inputs, and gradients 
 to the rank that owns them."""
 import pytest
 import torch
-
-from torch.overrides import TorchFunctionMode
-
 from dist_utils import run_ranks
+from torch.overrides import TorchFunctionMode
 
 B = 3
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import record, tiny_overrides
 from dist_utils import run_ranks
 from test_checkpoint import launch, wait_all
@@ -26,8 +25,8 @@ def history(run: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def itm_teacher(tmp_path_factory):
-    from dide_scale.models.build import save_pretrained
     from dide_scale.models.fusion import FusionEncoder
+    from dide_scale.models.saved import save_pretrained
     from dide_scale.models.student import TowerShape
     torch.manual_seed(2)
     d = tmp_path_factory.mktemp("itm") / "teacher"
@@ -126,8 +125,9 @@ def resume_with_a_slow_conversion(args: dict) -> dict:
 
 
 def test_universal_conversion_longer_than_the_collective_timeout(demo_shards, tmp_path):
-    from dide_scale.train import main
     from test_checkpoint import args as ckpt_args
+
+    from dide_scale.train import main
     run = tmp_path / "run"
     assert main(ckpt_args(demo_shards, run, **{"train.max_steps": 3, "train.global_batch_size": 4,
                                                "data.num_workers": 0})) == 0
@@ -155,8 +155,9 @@ def save_with_stale_attributes(args: dict) -> dict:
 
 
 def test_manifest_sizes_come_from_the_rank_that_wrote_each_file(demo_shards, tmp_path):
-    from dide_scale.checkpoint import COMPLETE, verify
     from test_checkpoint import args as ckpt_args
+
+    from dide_scale.checkpoint import COMPLETE, verify
     run = tmp_path / "run"
     res = run_ranks("test_resume:save_with_stale_attributes", 2,
                     {"argv": ckpt_args(demo_shards, run, **{"train.max_steps": 3})}, tmp_path)
@@ -172,6 +173,7 @@ def test_manifest_sizes_come_from_the_rank_that_wrote_each_file(demo_shards, tmp
 def eval_worker(args: dict) -> dict:
     """Each rank evaluates its share of the split; the sums are added over ranks."""
     import torch.distributed as dist
+
     from dide_scale.config import load_config
     from dide_scale.data.pipeline import build_loader
     from dide_scale.evaluate import evaluate

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
 from slurm_cluster import SlurmCluster
 

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 import signal
 import time
 
 import pytest
-
 from conftest import record, tiny_overrides
 from http_shards import ServerProcess, ShardServer
+
 from dide_scale.data import pipeline
 from dide_scale.data.demo import ANSWERS, generate_split
-from dide_scale.data.pipeline import (DataStalled, ReadPolicy, ResumableLoader, ShardStream, Source, SourceUnreadable,
-                                      WdsBatches, epoch_pieces, expand_sources)
+from dide_scale.data.pipeline import (
+    DataStalled,
+    ReadPolicy,
+    ResumableLoader,
+    ShardStream,
+    Source,
+    SourceUnreadable,
+    WdsBatches,
+    epoch_pieces,
+    expand_sources,
+)
 from dide_scale.data.transforms import Collate, Geometry, SampleDecoder
 
 GEO = Geometry("vilt", 32, 32, 8)

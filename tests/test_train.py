@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import labelled, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import labelled, tiny_overrides
 from dide_scale.config import load_config
-from dide_scale.models.build import build_student, load_pretrained, save_pretrained
+from dide_scale.models.build import build_student
 from dide_scale.models.fusion import FusionEncoder
 from dide_scale.models.images import images_from_pixels
+from dide_scale.models.saved import load_pretrained, save_pretrained
 from dide_scale.models.student import TowerShape
 from dide_scale.train import main
 

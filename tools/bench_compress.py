@@ -61,7 +61,7 @@ def evaluate_export(path: Path, data: Path) -> dict:
     from dide_scale.config import load_config
     from dide_scale.data.pipeline import build_loader
     from dide_scale.evaluate import evaluate
-    from dide_scale.models.build import load_pretrained
+    from dide_scale.models.saved import load_pretrained
     cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/{{00000..{_last(data / 'vqa' / 'val')}}}.tar",
                                "data.num_workers=0"])
     res = evaluate(load_pretrained(path).eval(), build_loader(cfg, "val", batch_size=256), "vqa", "cpu")
@@ -73,7 +73,7 @@ def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) ->
     """Questions/s of teacher and student on one batch, timed alternately in this process."""
     from dide_scale.config import load_config
     from dide_scale.data.pipeline import build_loader
-    from dide_scale.models.build import load_pretrained
+    from dide_scale.models.saved import load_pretrained
     from dide_scale.task import batch_to_device
     cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/00000.tar", "data.num_workers=0"])
     b = batch_to_device(next(iter(build_loader(cfg, "val", batch_size=n))), torch.device("cpu"), torch.float32)

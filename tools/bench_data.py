@@ -121,7 +121,9 @@ def build_shards(out_dir: str, n: int, per_shard: int, quality: int, subsampling
 def shard_stats(pattern: str, limit: int = 200) -> dict:
     """Image count (sizes.json when present) and size statistics of the first samples."""
     import json
+
     from PIL import Image
+
     from dide_scale.data.pipeline import expand_sources, iter_raw_samples
     urls = [u for s in expand_sources(pattern) for u in s.urls]
     sizes_f = os.path.join(os.path.dirname(urls[0]), "sizes.json")
@@ -170,6 +172,7 @@ def serve_over_http(pattern: str):
     """The shards' directory served by ``python -m http.server`` on loopback (its own process, as
     a real server is); returns (process, the same pattern as http:// URLs)."""
     import subprocess
+
     from dide_scale.distributed import free_port
     d = os.path.dirname(pattern)
     port = free_port()
@@ -209,6 +212,7 @@ def _patch_openclip_eof(ocd) -> None:
     The upstream-suggested fix: ``tar_file_expander(..., eof_value=None)``, i.e. the old
     behaviour; everything else in OpenCLIP's pipeline is unchanged."""
     import inspect
+
     from webdataset.tariterators import tar_file_expander, url_opener
     if "eof_value" not in inspect.signature(tar_file_expander).parameters or getattr(ocd, "_bench_patched", False):
         return
@@ -306,8 +310,8 @@ def cpu_model() -> str:
 
 
 def versions() -> str:
-    import PIL
     import open_clip
+    import PIL
     import torch
     import torchvision
     import webdataset

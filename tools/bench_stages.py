@@ -166,9 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="write the learning-curve plot (PNG) here")
     args = ap.parse_args(argv)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
+    import torch
+
     from dide_scale.demo import make_data
     from dide_scale.metrics import setup_logging
-    import torch
     setup_logging(0)
     out = Path(args.out)
     t0 = time.time()

@@ -132,10 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     import tempfile
+
     from dide_scale import distributed, engine
     from dide_scale.config import load_config
-    from dide_scale.models.build import save_pretrained
     from dide_scale.models.fusion import FusionEncoder
+    from dide_scale.models.saved import save_pretrained
     from dide_scale.models.student import TowerShape
     arch = PRESETS[args.preset]
     PRESET_USED.append(args.preset)

@@ -1,0 +1,201 @@
+"""Weights from elsewhere mapped onto the student: a transformers ViLT checkpoint (both
+towers from its one encoder, as the paper does), an exported project fusion model, or a timm
+ViT + a transformers BERT.  Name maps and the few exact folds (modality-type embeddings,
+position tables) live here; building models from a config is ``models.build``'s job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from .hub import WEIGHTS
+from .images import conv_to_linear
+from .saved import load_pretrained, read_model_config
+from .student import DualEncoder
+
+
+def _vilt_block_map(src: dict, prefix: str, i: int) -> dict:
+    """One transformers ViltLayer -> timm Block names."""
+    p = f"{prefix}encoder.layer.{i}."
+    a = p + "attention.attention."
+    return {
+        "norm1.weight": src[p + "layernorm_before.weight"], "norm1.bias": src[p + "layernorm_before.bias"],
+        "attn.qkv.weight": torch.cat([src[a + n + ".weight"] for n in ("query", "key", "value")]),
+        "attn.qkv.bias": torch.cat([src[a + n + ".bias"] for n in ("query", "key", "value")]),
+        "attn.proj.weight": src[p + "attention.output.dense.weight"],
+        "attn.proj.bias": src[p + "attention.output.dense.bias"],
+        "norm2.weight": src[p + "layernorm_after.weight"], "norm2.bias": src[p + "layernorm_after.bias"],
+        "mlp.fc1.weight": src[p + "intermediate.dense.weight"], "mlp.fc1.bias": src[p + "intermediate.dense.bias"],
+        "mlp.fc2.weight": src[p + "output.dense.weight"], "mlp.fc2.bias": src[p + "output.dense.bias"],
+    }
+
+
+def resample_table(table: torch.Tensor, grid: tuple[int, int] | list[int]) -> torch.Tensor:
+    """A position table [1, H, W, C] resampled to ``grid`` the way the towers interpolate it
+    per image (bilinear, corners aligned), so a table keeps its meaning at another size."""
+    if tuple(table.shape[1:3]) == tuple(grid):
+        return table
+    x = F.interpolate(table.permute(0, 3, 1, 2).float(), size=tuple(grid), mode="bilinear", align_corners=True)
+    return x.permute(0, 2, 3, 1).to(table.dtype).contiguous()
+
+
+def _embeds_from_classic(patch_w, patch_b, cls_token, pos_embed, grid: tuple[int, int] | None = None) -> dict:
+    """A classic ViT/ViLT image embedding (conv patch weight [C, 3, P, P], [CLS], a
+    [1, 1 + H*W, C] position table whose row 0 belongs to [CLS]) -> NaFlexViT's ``embeds``
+    names: the conv as the equivalent Linear, the [CLS] position folded into the [CLS] token,
+    the table as [1, H, W, C] (square unless ``grid`` says otherwise)."""
+    c = pos_embed.shape[-1]
+    n = pos_embed.shape[1] - 1
+    gh, gw = grid or (int(round(n ** 0.5)),) * 2
+    if gh * gw != n:
+        raise ValueError(f"a position table of {n} patch positions is not a {gh}x{gw} grid")
+    return {"embeds.proj.weight": conv_to_linear(patch_w), "embeds.proj.bias": patch_b,
+            "embeds.cls_token": cls_token + pos_embed[:, :1], "embeds.pos_embed": pos_embed[:, 1:].reshape(1, gh, gw, c)}
+
+
+def _canonical_from_vilt(src: dict, vilt_grid: tuple[int, int]) -> dict:
+    """A transformers ViLT state dict (any task class) in the project's fusion naming."""
+    prefix = "vilt." if any(k.startswith("vilt.") for k in src) else ""
+    e = prefix + "embeddings."
+    depth = 1 + max(int(k.split(".")[2 + (prefix != "")]) for k in src if k.startswith(prefix + "encoder.layer."))
+    out = {f"text_embeddings.{k[len(e + 'text_embeddings.'):]}": v for k, v in src.items()
+           if k.startswith(e + "text_embeddings.") and "position_ids" not in k}
+    emb = _embeds_from_classic(src[e + "patch_embeddings.projection.weight"], src[e + "patch_embeddings.projection.bias"],
+                               src[e + "cls_token"], src[e + "position_embeddings"], vilt_grid)
+    out.update({f"vit.{k}": v for k, v in emb.items()})
+    out.update({"token_type.weight": src[e + "token_type_embeddings.weight"],
+                "vit.norm.weight": src[prefix + "layernorm.weight"], "vit.norm.bias": src[prefix + "layernorm.bias"]})
+    if prefix + "pooler.dense.weight" in src:
+        out.update({"pooler.0.weight": src[prefix + "pooler.dense.weight"],
+                    "pooler.0.bias": src[prefix + "pooler.dense.bias"]})
+    for i in range(depth):
+        out.update({f"vit.blocks.{i}.{k}": v for k, v in _vilt_block_map(src, prefix, i).items()})
+    return out
+
+
+def _student_from_fusion_state(fs: dict, student: DualEncoder) -> dict:
+    """Fusion-model weights (project naming) -> both student towers and their poolers, as the
+    paper does.
+
+    The modality-type embeddings are folded in exactly: ViLT adds type 0 to the text
+    embeddings *after* their LayerNorm, so it goes into that LayerNorm's bias; type 1 is added
+    to every image token, so it goes into the [CLS] token and the position table (a
+    bilinear interpolation of table + v is the interpolated table + v).  A ViLT-initialised
+    tower's first block therefore sees what the fusion model's first block saw.
+    """
+    grid = [s // student.shape.patch_size for s in student.shape.image_size]
+    out = {}
+    tt = fs["token_type.weight"]
+    for k, v in fs.items():
+        if k.startswith("text_embeddings."):
+            v = v.clone()
+            if k.endswith("LayerNorm.bias"):
+                v += tt[0]
+            out["text." + k.replace("text_embeddings.", "embeddings.", 1)] = v
+        elif k.startswith("vit.blocks.") or k in ("vit.norm.weight", "vit.norm.bias"):
+            out["image." + k] = v
+            out["text." + k[len("vit."):]] = v
+        elif k == "vit.embeds.pos_embed":
+            out["image.vit.embeds.pos_embed"] = resample_table(v, grid) + tt[1]
+        elif k == "vit.embeds.cls_token":
+            out["image.vit.embeds.cls_token"] = v + tt[1]
+        elif k.startswith("vit.embeds."):
+            out["image." + k] = v
+        elif k.startswith("pooler."):
+            out["image_" + k] = v
+            out["text_" + k] = v
+    return out
+
+
+def init_student(student: DualEncoder, spec: str) -> DualEncoder:
+    """Apply ``student.init`` ('random', 'vilt:DIR', 'fusion:DIR', 'timm_bert:DIR', 'export:DIR')."""
+    if spec == "random":
+        return student
+    kind, _, path = spec.partition(":")
+    if kind == "vilt":
+        vcfg = read_model_config(path, ("vilt",))
+        src = _read_any_weights(path)
+        sd = _student_from_fusion_state(_canonical_from_vilt(src, _vilt_grid(vcfg)), student)
+    elif kind == "fusion":
+        read_model_config(path, ("dide_fusion",))
+        sd = _student_from_fusion_state(load_file(str(Path(path) / WEIGHTS)), student)
+    elif kind == "export":
+        src = load_pretrained(path, task=student.task, num_classes=student.num_classes)
+        sd = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    elif kind == "timm_bert":
+        sd = _student_from_timm_bert(Path(path), student)
+    else:
+        raise ValueError(f"student.init={spec!r}: expected random, vilt:DIR, fusion:DIR, timm_bert:DIR or export:DIR")
+    own = student.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"student.init={spec!r}: weight shapes do not fit student.arch (checkpoint vs student): "
+                         f"{wrong[:4]}")
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise ValueError(f"student.init={spec!r}: weights not in the student: {unexpected[:5]}")
+    towers = [k for k in missing if k.startswith(("image.vit.blocks", "text.blocks"))]
+    if towers:
+        raise ValueError(f"student.init={spec!r}: tower weights missing: {towers[:5]} "
+                         "(is the checkpoint deeper/shallower than student.arch.depth?)")
+    return student
+
+
+def _vilt_grid(vcfg: dict) -> tuple[int, int]:
+    """The patch grid of a ViLT config.json's position table (image_size / patch_size)."""
+    def pair(v):
+        return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+    (ih, iw), (ph, pw) = pair(vcfg.get("image_size", 384)), pair(vcfg.get("patch_size", 32))
+    return ih // ph, iw // pw
+
+
+def _read_any_weights(path: str) -> dict:
+    p = Path(path)
+    if (p / WEIGHTS).exists():
+        return load_file(str(p / WEIGHTS))
+    if (p / "pytorch_model.bin").exists():
+        return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{p}: no {WEIGHTS} or pytorch_model.bin")
+
+
+def _student_from_timm_bert(root: Path, student: DualEncoder) -> dict:
+    """DIR/vit: a timm ViT (``model.safetensors`` with timm names); DIR/bert: a transformers
+    BERT (its embeddings and layers map onto the text tower's pre-LN blocks' weights)."""
+    vit = load_file(str(root / "vit" / WEIGHTS))
+    grid = [s // student.shape.patch_size for s in student.shape.image_size]
+    out = {}
+    emb = _embeds_from_classic(vit["patch_embed.proj.weight"], vit["patch_embed.proj.bias"], vit["cls_token"],
+                               vit["pos_embed"])
+    emb["embeds.pos_embed"] = resample_table(emb["embeds.pos_embed"], grid)
+    out.update({f"image.vit.{k}": v for k, v in emb.items()})
+    for k, v in vit.items():
+        if k.startswith(("blocks.", "norm.")):
+            out["image.vit." + k] = v
+    read_model_config(root / "bert", ("bert",))
+    bert = _read_any_weights(str(root / "bert"))
+    pre = "bert." if any(k.startswith("bert.") for k in bert) else ""
+    for k, v in bert.items():
+        if k.startswith(pre + "embeddings.") and "position_ids" not in k:
+            name = k[len(pre + "embeddings."):]
+            if name.startswith("position_embeddings"):
+                v = v[: student.shape.max_text_len]
+            out["text.embeddings." + name] = v
+    n_layers = len({k.split(".")[len(pre.split(".")) + 1] for k in bert if k.startswith(pre + "encoder.layer.")})
+    for i in range(min(n_layers, student.shape.depth)):
+        p = f"{pre}encoder.layer.{i}."
+        a = p + "attention.self."
+        # BERT is post-LN; its LayerNorms go to the pre-LN slots (the closest mapping; fine-tuning adapts)
+        out.update({f"text.blocks.{i}.{k}": v for k, v in {
+            "norm1.weight": bert[p + "attention.output.LayerNorm.weight"],
+            "norm1.bias": bert[p + "attention.output.LayerNorm.bias"],
+            "attn.qkv.weight": torch.cat([bert[a + n + ".weight"] for n in ("query", "key", "value")]),
+            "attn.qkv.bias": torch.cat([bert[a + n + ".bias"] for n in ("query", "key", "value")]),
+            "attn.proj.weight": bert[p + "attention.output.dense.weight"],
+            "attn.proj.bias": bert[p + "attention.output.dense.bias"],
+            "norm2.weight": bert[p + "output.LayerNorm.weight"], "norm2.bias": bert[p + "output.LayerNorm.bias"],
+            "mlp.fc1.weight": bert[p + "intermediate.dense.weight"], "mlp.fc1.bias": bert[p + "intermediate.dense.bias"],
+            "mlp.fc2.weight": bert[p + "output.dense.weight"], "mlp.fc2.bias": bert[p + "output.dense.bias"],
+        }.items()})
+    return out
