@@ -22,46 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from .distributed import all_ranks, rank, world_size
+from .distributed import all_ranks, barrier, gather_objects, rank, rank0_decides, world_size
 from .fsutil import atomic_write_text
 
 log = logging.getLogger("dide_scale.checkpoint")
 COMPLETE = "COMPLETE.json"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def rng_state() -> dict:
-    """RNG states as tensors and plain tuples, so they load with ``weights_only=True``."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
-          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                    "has_gauss": int(has_gauss), "cached": float(cached)}}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    version, internal, gauss = st["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
 
 
 def tag_for(step: int) -> str:
@@ -90,13 +62,8 @@ def own_files(d: Path) -> dict[str, int]:
 
 def _gather_manifest(d: Path) -> dict[str, int]:
     """Every rank's own files, merged on every rank."""
-    mine = own_files(d)
-    if world_size() == 1:
-        return mine
-    parts: list = [None] * world_size()
-    dist.all_gather_object(parts, mine)
     merged: dict[str, int] = {}
-    for p in parts:
+    for p in gather_objects(own_files(d)):
         merged.update(p)
     return dict(sorted(merged.items()))
 
@@ -119,37 +86,56 @@ def verify(d: Path) -> str | None:
     return None
 
 
-class Checkpointer:
-    """Save / resume / purge DeepSpeed sharded checkpoints plus the project's state.
+class Stateful(Protocol):
+    """A resumable part of a run: plain data and tensors out, the same back in."""
 
-    ``state`` given to ``save`` is this rank's resumable state (step, samples seen, data
-    position, ...) as plain data and tensors; RNG states are added here.
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Checkpointer:
+    """Save / resume / purge DeepSpeed sharded checkpoints of ``engine`` together with the
+    run's resumable ``parts`` (name -> :class:`Stateful`).
+
+    A part with ``per_rank = True`` (data position, RNG streams) belongs to one rank of one
+    world size: when the world size changed since the save, its ``restart(step)`` is called
+    instead of ``load_state_dict`` (new streams, never a replay).  The others (counters,
+    best-model record, token queue) are identical on every rank and come from rank 0's file
+    then.  A part the checkpoint lacks keeps its fresh state, with a warning.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, engine=None,
+                 parts: dict[str, Stateful] | None = None, config: dict | None = None, group=None):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.engine, self.parts, self.config, self.group = engine, dict(parts or {}), config, group
 
     # -- save -----------------------------------------------------------------------------
-    def save(self, engine, step: int, state: dict, config: dict) -> Path:
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step`` (collective), unless a complete one exists already: rank 0's
+        view decides, so every rank takes the same branch."""
         tag = tag_for(step)
         d = self.dir / tag
+        if rank0_decides((d / COMPLETE).exists(), self.group):
+            return d
         if rank() == 0 and d.exists():  # a stale partial save of the same step
             shutil.rmtree(d)
-        _barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dide": {"step": step}},
-                               save_latest=False)
-        own = {"state": state, "rng": rng_state(), "config": config, "world_size": world_size()}
+        barrier()
+        self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dide": {"step": step}},
+                                    save_latest=False)
+        own = {"state": {name: part.state_dict() for name, part in self.parts.items()},
+               "config": self.config, "world_size": world_size()}
         tmp = d / f"dide_rank{rank():05d}.pt.tmp"
         torch.save(own, tmp)
         os.replace(tmp, d / f"dide_rank{rank():05d}.pt")
-        _barrier()  # every rank has written its shards and its state
+        barrier()  # every rank has written its shards and its state
         files = _gather_manifest(d)  # each file's size as its writer sees it
         if rank() == 0:
             atomic_write_text(d / COMPLETE, json.dumps({"step": step, "world_size": world_size(), "files": files}))
             atomic_write_text(self.dir / "latest", tag)
             self.purge()
-        _barrier()
+        barrier()
         return d
 
     def purge(self) -> None:
@@ -173,30 +159,41 @@ class Checkpointer:
         return list(reversed(self.all_tags()))
 
     # -- resume ---------------------------------------------------------------------------
-    def resume(self, engine, load_optimizer: bool = True, group=None) -> dict | None:
-        """Load the newest checkpoint that every rank can verify and load into ``engine``;
-        returns this rank's saved state, or None for a fresh start.  Broken checkpoints are
-        reported and skipped.  The ranks agree on each candidate (a CPU all-reduce on
-        ``group``), so one rank that cannot read the newest (ESTALE, out of memory) sends all
-        of them to the previous one instead of resuming alone from another step."""
+    def resume(self, load_optimizer: bool = True) -> int | None:
+        """Load the newest checkpoint that every rank can verify and load into the engine and
+        the parts; returns its step, or None for a fresh start.  Broken checkpoints are
+        reported and skipped.  The ranks agree on each candidate (a CPU all-reduce on the
+        control group), so one rank that cannot read the newest (ESTALE, out of memory) sends
+        all of them to the previous one instead of resuming alone from another step."""
+        group = self.group
         for tag in self.candidates():
             d = self.dir / tag
             problem = verify(d)
             if not all_ranks(problem is None, group):
                 problem = problem or "another rank could not verify it"
             else:
-                problem = self._load(engine, tag, load_optimizer, group)
+                problem = self._load(self.engine, tag, load_optimizer, group)
                 own = self._own_state(d) if problem is None else None
                 if problem is None and own is None:
                     problem = f"no state for rank {rank()} (saved at world size {self.saved_world(d)})"
                 if all_ranks(problem is None, group):
-                    if "rng" in own:
-                        set_rng_state(own["rng"])
+                    step = json.loads((d / COMPLETE).read_text())["step"]
+                    self._load_parts(own, step)
                     log.info("resumed from %s", d)
-                    return own
+                    return step
                 problem = problem or "another rank could not load it"
             log.warning("skipping checkpoint %s: %s", d, problem)
         return None
+
+    def _load_parts(self, own: dict, step: int) -> None:
+        saved, moved = own["state"], own.get("world_changed", False)
+        for name, part in self.parts.items():
+            if moved and getattr(part, "per_rank", False):
+                part.restart(step)
+            elif name in saved:
+                part.load_state_dict(saved[name])
+            else:
+                log.warning("the checkpoint has no state for %r: it starts fresh", name)
 
     def _load(self, engine, tag: str, load_optimizer: bool, group=None) -> str | None:
         from .engine import load_universal
@@ -226,7 +223,7 @@ class Checkpointer:
         failed = out.with_name(tag + ".FAILED")
         if rank() == 0:
             failed.unlink(missing_ok=True)
-        _barrier()  # nobody reads a FAILED marker left by an earlier attempt
+        barrier()  # nobody reads a FAILED marker left by an earlier attempt
         if rank() == 0:
             try:
                 convert_to_universal(self.dir, tag, self.dir / "universal")
@@ -244,8 +241,8 @@ class Checkpointer:
         return None
 
     def _own_state(self, d: Path) -> dict | None:
-        """This rank's saved state; after a world-size change, rank 0's counters with the
-        data position and RNG marked as not transferable."""
+        """This rank's saved state; after a world-size change, rank 0's, marked so that the
+        per-rank parts restart instead of loading it."""
         p = d / f"dide_rank{rank():05d}.pt"
         if self.saved_world(d) == world_size() and p.exists():
             return torch.load(p, map_location="cpu", weights_only=True)
@@ -253,8 +250,6 @@ class Checkpointer:
         if not p0.exists():
             return None
         own = torch.load(p0, map_location="cpu", weights_only=True)
-        own["state"].pop("data", None)
-        own.pop("rng", None)
         own["world_changed"] = True
         return own
 

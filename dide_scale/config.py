@@ -14,14 +14,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .fsutil import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-TASKS = ("itm", "vqa", "nlvr2", "snli_ve")
+Task = Literal["itm", "vqa", "nlvr2", "snli_ve"]
+Precision = Literal["fp32", "bf16", "fp16"]
+TASKS = typing.get_args(Task)
 TASK_CLASSES = {"itm": 2, "nlvr2": 2, "snli_ve": 3}
 
 
@@ -79,7 +81,7 @@ class ArchConfig:
 class StudentConfig:
     """The dual-encoder student."""
 
-    kind: str = "dual"
+    kind: Literal["dual", "fusion"] = "dual"
     """'dual' (the DiDE dual encoder) or 'fusion' (a fusion model trained by this loop: the
     demo's teacher, or a small fusion student)."""
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -90,19 +92,22 @@ class StudentConfig:
     grad_checkpointing: bool = False
     """Activation checkpointing of the tower blocks."""
 
+    def check(self) -> None:
+        self.arch.check("student.arch")
+
 
 @dataclass
 class TeacherConfig:
     """The frozen fusion-encoder teacher."""
 
-    kind: str = "fusion"
+    kind: Literal["fusion", "hf_vilt"] = "fusion"
     """'fusion' (the project's own ViLT-style model) or 'hf_vilt' (a transformers ViLT directory)."""
     path: str = ""
     """Directory of the teacher's weights: an exported fusion model or a transformers ViLT
     checkpoint. Empty only when no distillation loss is used."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     """Shape of a 'fusion' teacher (ignored for 'hf_vilt', whose config.json decides)."""
-    zero_stage: int | None = None
+    zero_stage: Literal[0, 3] | None = None
     """0: a full copy of the frozen teacher on every rank (in the student's dtype); 3: its
     parameters partitioned over the ranks with a ZeRO-3 inference engine (about 1/N each,
     gathered block by block in the forward). None: 3 when train.zero_stage is 3, else 0."""
@@ -116,6 +121,10 @@ class TeacherConfig:
     min_label_overlap: float = 0.9
     """VQA: the least fraction of the student's answers the teacher must know (the rest are
     left out of the soft-label loss); below it the run is refused before it starts."""
+
+    def check(self) -> None:
+        if self.kind == "fusion":
+            self.arch.check("teacher.arch")
 
 
 @dataclass
@@ -138,11 +147,11 @@ class LossConfig:
     """Teacher block whose cross-modal attention is distilled (negative counts from the end)."""
     student_layer: int = -1
     """Student block (in both towers) that is matched to teacher_layer."""
-    head_map: str = "per_head"
+    head_map: Literal["per_head", "mean"] = "per_head"
     """'per_head' (teacher and student head counts must match) or 'mean' (average heads)."""
     itc_temperature: float = 0.07
     """Initial temperature of the contrastive logits."""
-    itm_negatives: str = "global"
+    itm_negatives: Literal["global", "local"] = "global"
     """ITM hard negatives of the dual encoder: 'global' mines over every rank's micro-batch
     (the chosen rows are fetched with gradient by all_to_all), 'local' over this rank's only."""
     itm_exchange_capacity: float = 2.0
@@ -163,6 +172,19 @@ class LossConfig:
     """Teacher token states kept as negatives (per mapped pair; filled across ranks)."""
     nce_temperature: float = 0.07
     """Temperature of the token-wise contrastive logits (cosine similarity / T)."""
+    def check(self) -> None:
+        for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc", "attn_mse", "token_nce"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0")
+        for name in ("temperature", "nce_queue_size", "nce_temperature", "itm_exchange_capacity"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"loss.{name}={getattr(self, name)} must be > 0")
+        for i, pair in enumerate(self.layer_map):
+            if len(pair) != 2:
+                raise ConfigError(f"loss.layer_map[{i}]={pair}: expected [teacher_block, student_block]")
+        if not self.distills() and self.ground_truth == 0 and self.itc == 0:
+            raise ConfigError("every loss weight is 0: set loss.ground_truth or a distillation weight")
+
 
     def distills(self) -> bool:
         return (self.attn_t2i > 0 or self.attn_i2t > 0 or self.soft_label > 0 or self.attn_mse > 0
@@ -203,7 +225,7 @@ class DataConfig:
     """A transformers tokenizer directory or hub id; 'builtin:demo' for the demo vocabulary."""
     max_image_pixels: int = 40_000_000
     """Images larger than this (read from the header, before decode) are skipped."""
-    image_resize: str = "vilt"
+    image_resize: Literal["vilt", "stretch"] = "vilt"
     """'vilt': keep the aspect ratio, the shorter side to image_shorter and the longer side at
     most image_longer, both floored to multiples of student.arch.patch_size (ViLT's rule;
     portrait images keep their long side vertical), padding masked; 'stretch': every image
@@ -228,6 +250,19 @@ class DataConfig:
     """VQA answers: a JSON list of answer strings, or a model directory whose config.json
     id2label lists them (an export, a transformers checkpoint); empty for the demo's."""
 
+    def check(self) -> None:
+        if self.read_retries < 0 or self.retry_backoff_s < 0 or self.read_timeout_s <= 0 or self.stall_timeout_s < 0:
+            raise ConfigError("data.read_retries / retry_backoff_s must be >= 0, data.read_timeout_s > 0, "
+                              "data.stall_timeout_s >= 0")
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ConfigError("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in 0..30")
+        if self.image_longer < self.image_shorter:
+            raise ConfigError(f"data.image_longer={self.image_longer} must be >= "
+                              f"data.image_shorter={self.image_shorter}")
+        if self.train_weights and self.train_shards and len(self.train_weights) != len(self.train_shards.split("::")):
+            raise ConfigError(f"data.train_weights has {len(self.train_weights)} entries but "
+                              f"data.train_shards has {len(self.train_shards.split('::'))} sources")
+
 
 @dataclass
 class OptimConfig:
@@ -243,6 +278,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     """Final LR as a fraction of lr."""
 
+    def check(self) -> None:
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("optim.warmup_fraction must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+
 
 @dataclass
 class TrainConfig:
@@ -250,7 +291,7 @@ class TrainConfig:
 
     output_dir: str = "runs/debug"
     """Run directory; re-running with the same directory resumes."""
-    task: str = "itm"
+    task: Task = "itm"
     """'itm' (pre-training distillation), 'vqa', 'nlvr2' or 'snli_ve'."""
     max_steps: int = 100
     """Optimizer steps."""
@@ -258,14 +299,14 @@ class TrainConfig:
     """Samples per optimizer step over all ranks = micro x accumulation x world size."""
     micro_batch_size: int = 8
     """Samples per forward on one rank."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
-    zero_stage: int = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage 0-3 for the student (the teacher's: teacher.zero_stage)."""
-    comm_dtype: str = "fp32"
+    comm_dtype: Precision = "fp32"
     """Dtype of the gradient reductions across ranks under bf16/fp16 ('fp32', 'bf16', 'fp16'):
     DeepSpeed defaults to the model's dtype, which loses precision when summing over many ranks."""
-    grad_accum_dtype: str = "fp32"
+    grad_accum_dtype: Precision = "fp32"
     """Dtype gradients accumulate in over micro-batches under bf16/fp16, at ZeRO stages 2-3. At
     stages 0-1 DeepSpeed accumulates in the model's dtype: its fp32-accumulating bf16 optimizer
     for stage 1 writes checkpoints that its own fp32 consolidation cannot read."""
@@ -299,6 +340,18 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Per-device peak FLOP/s (in TFLOP/s) for MFU; 0 looks the GPU model up (none on CPU)."""
 
+    def check(self) -> None:
+        if self.offload and self.zero_stage != 3:
+            raise ConfigError(f"train.offload=true needs train.zero_stage=3 (got {self.zero_stage}); "
+                              "this project offloads parameters and optimizer state together")
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last",
+                     "max_bad_steps", "collective_timeout_s", "lease_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+
 
 @dataclass
 class RunConfig:
@@ -328,101 +381,41 @@ class RunConfig:
         return self.data.num_answers if self.train.task == "vqa" else TASK_CLASSES[self.train.task]
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
-        t, lo = self.train, self.loss
-        if t.task not in TASKS:
-            raise ConfigError(f"train.task={t.task!r} is not one of {TASKS}")
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
-        if t.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
-        for name in ("comm_dtype", "grad_accum_dtype"):
-            if getattr(t, name) not in ("fp32", "bf16", "fp16"):
-                raise ConfigError(f"train.{name}={getattr(t, name)!r} must be fp32, bf16 or fp16")
-        if t.offload and t.zero_stage != 3:
-            raise ConfigError(f"train.offload=true needs train.zero_stage=3 (got {t.zero_stage}); "
-                              "this project offloads parameters and optimizer state together")
-        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last",
-                     "max_bad_steps", "collective_timeout_s", "lease_ttl_s"):
-            if getattr(t, name) <= 0:
-                raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
-        if t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                              f"train.micro_batch_size={t.micro_batch_size}")
+        """Each section's own checks, then the ones across sections."""
+        for section in (self.student, self.teacher, self.loss, self.data, self.optim, self.train):
+            section.check()
         if world_size is not None:
             self.grad_accum_steps(world_size)
-        self.student.arch.check("student.arch")
-        if self.student.kind not in ("dual", "fusion"):
-            raise ConfigError(f"student.kind={self.student.kind!r} must be 'dual' or 'fusion'")
-        if lo.layerwise() and self.student.kind != "fusion":
-            raise ConfigError("loss.attn_mse/token_nce distil a fusion student block by block; the dual encoder has "
-                              "no joint attention: set student.kind=fusion or set those weights to 0")
-        if self.student.kind == "fusion" and lo.itc > 0:
-            raise ConfigError("loss.itc needs separate text/image embeddings: set it to 0 for student.kind=fusion")
-        if lo.nce_queue_size <= 0:
-            raise ConfigError(f"loss.nce_queue_size={lo.nce_queue_size} must be > 0")
-        if lo.nce_temperature <= 0:
-            raise ConfigError("loss.nce_temperature must be > 0")
-        for i, pair in enumerate(lo.layer_map):
-            if len(pair) != 2:
-                raise ConfigError(f"loss.layer_map[{i}]={pair}: expected [teacher_block, student_block]")
-        if self.teacher.zero_stage not in (None, 0, 3):
-            raise ConfigError(f"teacher.zero_stage={self.teacher.zero_stage} must be 0 (replicated), 3 (partitioned) "
-                              "or null (follow train.zero_stage)")
-        if self.teacher.kind not in ("fusion", "hf_vilt"):
-            raise ConfigError(f"teacher.kind={self.teacher.kind!r} must be 'fusion' or 'hf_vilt'")
-        if self.teacher.kind == "fusion":
-            self.teacher.arch.check("teacher.arch")
-        if lo.itm_negatives not in ("global", "local"):
-            raise ConfigError(f"loss.itm_negatives={lo.itm_negatives!r} must be 'global' or 'local'")
-        if lo.itm_exchange_capacity <= 0:
-            raise ConfigError("loss.itm_exchange_capacity must be > 0")
-        if lo.head_map not in ("per_head", "mean"):
-            raise ConfigError(f"loss.head_map={lo.head_map!r} must be 'per_head' or 'mean'")
-        for name in ("attn_t2i", "attn_i2t", "soft_label", "ground_truth", "itc", "attn_mse", "token_nce"):
-            if getattr(lo, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0")
-        if lo.temperature <= 0:
-            raise ConfigError("loss.temperature must be > 0")
-        if lo.distills() and not self.teacher.path:
-            raise ConfigError("loss.attn_t2i/attn_i2t/soft_label/attn_mse/token_nce are > 0 but teacher.path is empty: "
-                              "set teacher.path or set those weights to 0")
-        if not lo.distills() and lo.ground_truth == 0 and lo.itc == 0:
-            raise ConfigError("every loss weight is 0: set loss.ground_truth or a distillation weight")
-        if lo.head_map == "per_head" and self.teacher.kind == "fusion" and lo.distills() and \
-                self.teacher.arch.heads != self.student.arch.heads:
-            raise ConfigError(
-                f"loss.head_map=per_head needs teacher.arch.heads ({self.teacher.arch.heads}) == "
-                f"student.arch.heads ({self.student.arch.heads}); set loss.head_map=mean")
+        self._check_models()
         self._check_images()
-        if self.train.task == "vqa" and self.data.num_answers <= 1:
-            raise ConfigError("data.num_answers must be > 1 for train.task=vqa")
-        if self.data.train_weights and self.data.train_shards and \
-                len(self.data.train_weights) != len(self.data.train_shards.split("::")):
-            raise ConfigError(f"data.train_weights has {len(self.data.train_weights)} entries but "
-                              f"data.train_shards has {len(self.data.train_shards.split('::'))} sources")
-        if not 0 <= self.optim.warmup_fraction < 1:
-            raise ConfigError("optim.warmup_fraction must be in [0, 1)")
-        if self.optim.lr <= 0:
-            raise ConfigError("optim.lr must be > 0")
         return self
 
+    def _check_models(self) -> None:
+        """The losses against the student's kind and the teacher."""
+        lo, s, t = self.loss, self.student, self.teacher
+        if lo.layerwise() and s.kind != "fusion":
+            raise ConfigError("loss.attn_mse/token_nce distil a fusion student block by block; the dual encoder has "
+                              "no joint attention: set student.kind=fusion or set those weights to 0")
+        if s.kind == "fusion" and lo.itc > 0:
+            raise ConfigError("loss.itc needs separate text/image embeddings: set it to 0 for student.kind=fusion")
+        if lo.distills() and not t.path:
+            raise ConfigError("loss.attn_t2i/attn_i2t/soft_label/attn_mse/token_nce are > 0 but teacher.path is empty: "
+                              "set teacher.path or set those weights to 0")
+        if lo.head_map == "per_head" and t.kind == "fusion" and lo.distills() and t.arch.heads != s.arch.heads:
+            raise ConfigError(f"loss.head_map=per_head needs teacher.arch.heads ({t.arch.heads}) == "
+                              f"student.arch.heads ({s.arch.heads}); set loss.head_map=mean")
+        if self.train.task == "vqa" and self.data.num_answers <= 1:
+            raise ConfigError("data.num_answers must be > 1 for train.task=vqa")
+
     def _check_images(self) -> None:
+        """The image sizes against the student's patch size."""
         d, p = self.data, self.student.arch.patch_size
-        if d.image_resize not in ("vilt", "stretch"):
-            raise ConfigError(f"data.image_resize={d.image_resize!r} must be 'vilt' or 'stretch'")
         if d.image_shorter < p:
             raise ConfigError(f"data.image_shorter={d.image_shorter} is smaller than one patch "
                               f"(student.arch.patch_size={p})")
-        if d.image_longer < d.image_shorter:
-            raise ConfigError(f"data.image_longer={d.image_longer} must be >= data.image_shorter={d.image_shorter}")
         if d.image_resize == "stretch" and (d.image_shorter % p or d.image_longer % p):
             raise ConfigError(f"data.image_resize=stretch needs data.image_shorter={d.image_shorter} and "
                               f"data.image_longer={d.image_longer} to be multiples of student.arch.patch_size={p}")
-        if d.read_retries < 0 or d.retry_backoff_s < 0 or d.read_timeout_s <= 0 or d.stall_timeout_s < 0:
-            raise ConfigError("data.read_retries / retry_backoff_s must be >= 0, data.read_timeout_s > 0, "
-                              "data.stall_timeout_s >= 0")
-        if d.randaugment_ops < 0 or not 0 <= d.randaugment_magnitude <= 30:
-            raise ConfigError("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in 0..30")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -438,7 +431,8 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, list[...])."""
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, Literal[...] choices,
+    list[...], optional)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -455,6 +449,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (arg,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise ConfigError(f"{key}={value!r} must be one of {', '.join(repr(c) for c in choices)}")
     if tp is Any:
         return value
     if tp is bool:

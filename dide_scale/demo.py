@@ -88,7 +88,8 @@ def run_seed(out: Path, data: Path, seed: int, teacher_steps: int, student_steps
         raise RuntimeError("teacher training did not finish")
     res["no_distill"] = train_one("dual encoder, ground truth only", _overrides(
         data, d / "no_distill", student_steps, seed, extra), config)
-    res["dide"] = train_one("dual encoder, DiDE distillation", _overrides(data, d / "dide", student_steps, seed, extra) + [
+    res["dide"] = train_one("dual encoder, DiDE distillation",
+                            _overrides(data, d / "dide", student_steps, seed, extra) + [
         f"teacher.path={d / 'teacher' / 'export'}", "loss.attn_t2i=1.0", "loss.attn_i2t=1.0",
         "loss.soft_label=1.0", "loss.ground_truth=0.0"], config)
     res["throughput"] = measure_throughput(d, data, config)

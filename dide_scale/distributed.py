@@ -100,6 +100,45 @@ def rank0_decides(value, group=None):
     return box[0]
 
 
+def barrier(group=None) -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def gather_objects(value, group=None) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    import torch.distributed as dist
+    if world_size() == 1:
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def mean_over_ranks(values: list) -> list[float]:
+    """The mean over ranks of each scalar tensor in ``values`` (one all-reduce), as floats."""
+    import torch
+    import torch.distributed as dist
+    if not values:
+        return []
+    t = torch.stack([v.detach().float().reshape(()) for v in values])
+    if world_size() > 1:
+        dist.all_reduce(t)
+        t /= world_size()
+    return t.cpu().tolist()
+
+
+def sum_over_ranks(counts: dict[str, float]) -> dict[str, float]:
+    """Name -> count dicts summed over ranks (the names may differ between ranks)."""
+    out: dict[str, float] = {}
+    for part in gather_objects(dict(counts)):
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def all_gather_nograd(x):
     """Every rank's ``x`` (same shape everywhere), concatenated in rank order, no gradient."""
     import torch
@@ -172,6 +211,35 @@ def gather_rows(tensors: list, idx, capacity: int | None = None) -> list:
         got = torch.where(remote.view(-1, *[1] * (t.dim() - 1)), fetched, src[local_idx])
         out.append(got.bool() if is_bool else got)
     return out
+
+
+def gather_newest(x, keep_last: int):
+    """[P, M_r, C] on each rank -> the last ``keep_last`` of [P, sum_r M_r, C] in rank order.
+
+    Only rows that survive are sent: rank r contributes its newest rows that fall inside the
+    global tail (padded to the largest contribution for the all-gather), so each rank sends
+    at most ``keep_last`` rows whatever the global token count."""
+    import torch
+    import torch.distributed as dist
+    if world_size() == 1:
+        return x[:, -keep_last:]
+    n = torch.tensor([x.shape[1]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    keep = []
+    later = 0  # rows of higher ranks, which are newer
+    for c in reversed(counts):
+        keep.append(max(0, min(c, keep_last - later)))
+        later += c
+    keep.reverse()
+    mine = keep[rank()]
+    padded = x.new_zeros(x.shape[0], max(max(keep), 1), x.shape[2])
+    if mine:
+        padded[:, :mine] = x[:, x.shape[1] - mine:]
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:, :k] for p, k in zip(parts, keep)], dim=1)
 
 
 def free_port() -> int:

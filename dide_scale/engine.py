@@ -203,7 +203,8 @@ def build_engines(cfg: RunConfig, ds_config: dict, student: nn.Module, teacher: 
                      "gradient_accumulation_steps": 1,
                      "train_batch_size": ds_config["train_micro_batch_size_per_gpu"] * world_size(),
                      "zero_optimization": {"stage": 3,
-                                           "stage3_param_persistence_threshold": cfg.teacher.param_persistence_threshold,
+                                           "stage3_param_persistence_threshold":
+                                               cfg.teacher.param_persistence_threshold,
                                            **({"offload_param": {"device": "cpu"}} if cfg.train.offload else {})},
                      "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
                      "steps_per_print": 10 ** 9}
@@ -270,7 +271,8 @@ def convert_to_universal(checkpoint_dir: str | os.PathLike, tag: str, out_dir: s
            "--num_merge_workers", "1", "--inject_missing_state"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"universal checkpoint conversion of {tag} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        raise RuntimeError(f"universal checkpoint conversion of {tag} failed:\n{res.stdout[-2000:]}\n"
+                           f"{res.stderr[-2000:]}")
     (out / "CONVERTED").write_text("ok")
     return out
 

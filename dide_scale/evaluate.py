@@ -85,11 +85,8 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
 
 
 def _sum_over_ranks(score_sum: float, n: int, per_type: dict, group=None):
-    import torch.distributed as dist
-
-    from .distributed import world_size
-    parts: list = [None] * world_size()
-    dist.all_gather_object(parts, (score_sum, n, dict(per_type)), group=group)
+    from .distributed import gather_objects
+    parts = gather_objects((score_sum, n, dict(per_type)), group)
     total, count, types = 0.0, 0, defaultdict(lambda: [0.0, 0])
     for s, c, pt in parts:
         total, count = total + s, count + c

@@ -10,7 +10,7 @@
 
 The weights come from a sharded checkpoint, consolidated to fp32 (exact master weights,
 whatever the ZeRO stage, precision or world size of the run); the folder loads without
-DeepSpeed, the teacher or the run directory (``models.build.load_pretrained``,
+DeepSpeed, the teacher or the run directory (``models.saved.load_pretrained``,
 ``DualEncoder.from_pretrained``, ``inference.Predictor.from_pretrained``), unpickles
 nothing, and can be pushed to the Hugging Face Hub as it is.
 
@@ -67,7 +67,7 @@ def export_from_checkpoint(run_dir: str | Path, out_dir: str | Path, module=None
     if module is None:
         import copy
 
-        from .models.build import build_student
+        from .build import build_student
         bare = copy.deepcopy(cfg)
         bare.student.init = "random"
         module = build_student(bare)
@@ -114,7 +114,8 @@ def read_geometry(model_dir: str | Path):
 def card_from_run(cfg, best: dict | None, step: int | None) -> dict:
     teacher = ""
     if cfg.loss.distills() and cfg.teacher.path:
-        teacher = f"{cfg.teacher.path} ({'transformers ViLT' if cfg.teacher.kind == 'hf_vilt' else 'dide_scale fusion'})"
+        kind = 'transformers ViLT' if cfg.teacher.kind == 'hf_vilt' else 'dide_scale fusion'
+        teacher = f"{cfg.teacher.path} ({kind})"
     if best:
         metric = "mean R@1 (retrieval)" if cfg.train.task == "itm" else "accuracy"
         selected = (f"the dev split `{cfg.data.val_shards}`: {metric} {best['accuracy']:.4f} at step {best['step']} "

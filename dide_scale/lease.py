@@ -48,7 +48,8 @@ class Holder:
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job_id}" if self.slurm_job_id else ""
-        return (f"host {self.host}, pid {self.pid}{job}, since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
+        since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))
+        return (f"host {self.host}, pid {self.pid}{job}, since {since}"
                 f" (renewed {time.time() - self.renewed:.0f} s ago, expires after {self.ttl_s:.0f} s without renewal)")
 
 

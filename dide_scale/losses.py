@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import gather_with_grad, rank, world_size
+from .distributed import gather_newest, gather_with_grad, rank
 from .models.attention import CrossQK, JointStates, cross_log_probs, t2i_i2t
 
 
@@ -114,52 +113,6 @@ def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Te
     return 0.5 * (F.cross_entropy(scale * t @ all_i.t(), labels) + F.cross_entropy(scale * i @ all_t.t(), labels))
 
 
-@torch.no_grad()
-def mine_hard_negatives(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor | float = 1.0,
-                        across_ranks: bool = True, generator: torch.Generator | None = None,
-                        capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each local pair, sample a hard negative image for its text and a hard negative text
-    for its image, with probability softmax(similarity * scale), never the pair itself.
-    ``scale`` is the contrastive loss's 1 / temperature (ALBEF's choice): with raw cosines in
-    [-1, 1] the distribution over a large candidate set is nearly uniform.
-
-    ``across_ranks``: candidates are the micro-batches of every rank (embeddings gathered
-    without gradient; every rank's micro-batch has the same size, as training batches do);
-    indices are then global (rank r's row i is ``r * B + i``) and
-    :func:`~dide_scale.distributed.gather_rows` fetches the chosen rows.  ``capacity`` bounds
-    the rows asked of each other rank (static all_to_all sizes, no host sync): a choice
-    beyond it is replaced by a negative drawn the same way from this rank's own micro-batch.
-    Returns (neg_image_idx [B], neg_text_idx [B], fraction of choices replaced)."""
-    from .distributed import all_gather_nograd, request_slots
-    b, dev = text_emb.shape[0], text_emb.device
-    offset, all_t, all_i = 0, text_emb, image_emb
-    world = world_size() if across_ranks else 1
-    if world > 1:
-        all_t, all_i = all_gather_nograd(text_emb), all_gather_nograd(image_emb)
-        offset = rank() * b
-    if all_t.shape[0] < 2:
-        raise ValueError("hard-negative mining needs at least 2 pairs")
-    ar = torch.arange(b, device=dev)
-    own = torch.zeros(b, all_t.shape[0], dtype=torch.bool, device=dev)
-    own[ar, ar + offset] = True
-    scale = torch.as_tensor(scale, device=dev).float()
-    replaced = torch.zeros((), device=dev)
-    out = []
-    for q, keys in ((text_emb, all_i), (image_emb, all_t)):
-        logits = (scale * q.float() @ keys.float().t()).masked_fill(own, -1e4)
-        neg = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator).squeeze(1)
-        if world > 1 and capacity is not None:
-            local = logits[:, offset:offset + b]  # the same distribution over this rank's own rows
-            fallback = torch.multinomial(torch.softmax(local, 1), 1, generator=generator).squeeze(1) + offset
-            owner = neg // b
-            remote = owner != rank()
-            over = remote & (request_slots(owner, remote, world) >= capacity)
-            neg = torch.where(over, fallback, neg)
-            replaced = replaced + over.float().mean() / 2
-        out.append(neg)
-    return out[0], out[1], replaced
-
-
 # -- DistillVLM (Fang et al., arXiv 2104.02096): layer-to-layer losses for a fusion student --
 
 def attention_mse(t_q: torch.Tensor, t_k: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
@@ -246,7 +199,7 @@ class TokenQueue:
     def push(self, tokens: list[torch.Tensor]) -> None:
         """``tokens``: per mapped pair, this rank's new teacher token states [M, C]."""
         new = F.normalize(torch.stack([t.float() for t in tokens]), dim=-1)  # [P, M, C]
-        new = _gather_newest(new, self.size)  # only the newest `size` tokens of the global batch can stay
+        new = gather_newest(new, self.size)  # only the newest `size` tokens of the global batch can stay
         if self.buf is None:
             self.buf = new.new_zeros(self.n_pairs, self.size, new.shape[-1])
         elif self.buf.device != new.device:
@@ -266,30 +219,3 @@ class TokenQueue:
             raise ValueError(f"the checkpoint's token queue holds {st['n_pairs']} x {st['size']} entries, the config "
                              f"{self.n_pairs} x {self.size} (loss.nce_queue_size / loss.layer_map changed?)")
         self.buf, self.ptr, self.filled = st["buf"], st["ptr"], st["filled"]
-
-
-def _gather_newest(x: torch.Tensor, keep_last: int) -> torch.Tensor:
-    """[P, M_r, C] on each rank -> the last ``keep_last`` of [P, sum_r M_r, C] in rank order.
-
-    Only rows that survive are sent: rank r contributes its newest rows that fall inside the
-    global tail (padded to the largest contribution for the all-gather), so each rank sends
-    at most ``keep_last`` rows whatever the global token count."""
-    if world_size() == 1:
-        return x[:, -keep_last:]
-    n = torch.tensor([x.shape[1]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(counts, n)
-    counts = [int(c) for c in counts]
-    keep = []
-    later = 0  # rows of higher ranks, which are newer
-    for c in reversed(counts):
-        keep.append(max(0, min(c, keep_last - later)))
-        later += c
-    keep.reverse()
-    mine = keep[rank()]
-    padded = x.new_zeros(x.shape[0], max(max(keep), 1), x.shape[2])
-    if mine:
-        padded[:, :mine] = x[:, x.shape[1] - mine:]
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:, :k] for p, k in zip(parts, keep)], dim=1)

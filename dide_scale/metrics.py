@@ -23,7 +23,8 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
+
+from .distributed import mean_over_ranks, sum_over_ranks
 
 log = logging.getLogger("dide_scale")
 
@@ -78,29 +79,6 @@ def host_rss_gb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2 ** 30
 
 
-def _reduce_mean(values: list[torch.Tensor]) -> list[float]:
-    if not values:
-        return []
-    t = torch.stack([v.detach().float().reshape(()) for v in values])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.cpu().tolist()
-
-
-def _reduce_sum_counts(counts: dict[str, float]) -> dict[str, float]:
-    """Sum name->count dicts over ranks (names may differ between ranks)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(counts)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, counts)
-    out: dict[str, float] = defaultdict(float)
-    for g in gathered:
-        for k, v in g.items():
-            out[k] += v
-    return dict(out)
-
-
 class MetricsLogger:
     """Accumulates per-step values; ``log`` reduces, prints one console line and writes
     TensorBoard on rank 0."""
@@ -141,7 +119,7 @@ class MetricsLogger:
         now = time.perf_counter()
         elapsed = max(1e-9, now - self.t_last)
         names = sorted(self.parts)
-        means = _reduce_mean([self.parts[k] / max(1, self.steps) for k in names])
+        means = mean_over_ranks([self.parts[k] / max(1, self.steps) for k in names])
         out = dict(zip(names, means))
         n = max(1, self.steps)
         for k, v in self.times.items():
@@ -162,9 +140,9 @@ class MetricsLogger:
             out["memory/device_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out.update(extra)
         if sums:
-            out.update(_reduce_sum_counts(sums))
+            out.update(sum_over_ranks(sums))
         for group, counts in counters.items():
-            reduced = _reduce_sum_counts(counts)
+            reduced = sum_over_ranks(counts)
             out[f"{group}_total"] = float(sum(reduced.values()))
             for k, v in reduced.items():
                 out[f"{group}/{k}"] = v

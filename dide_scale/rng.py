@@ -10,6 +10,7 @@ and after any number of restarts.
 """
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 
 import numpy as np
@@ -31,3 +32,52 @@ def step_rng(key: int, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(key)
         yield torch.Generator(device=device).manual_seed(key)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain tuples, so they load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+class GlobalRng:
+    """The process-wide RNGs (Python, NumPy, torch) as a resumable part of the run, seeded
+    per rank (``seed * 1000 + rank``: dropout outside a step, shuffles of helper code).
+
+    Per rank: after a world-size change it restarts from ``seed * 1000 + rank + step``."""
+
+    per_rank = True
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+        seed_all(seed * 1000 + rank)
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+    def restart(self, step: int) -> None:
+        seed_all(self.seed * 1000 + self.rank + step)

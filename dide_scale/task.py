@@ -22,11 +22,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from . import losses, negatives
 from .config import LossConfig
 from .labels import LabelMap
 from .models.attention import resolve_layer_map
 from .models.images import Images, from_batch, resample_patches
+from .models.student import DualEncoder
 
 
 @dataclass
@@ -74,6 +75,9 @@ class DistillTask:
             self.teacher_module.eval()
             self.teacher_module.requires_grad_(False)
         student_module = getattr(student, "module", student)
+        self.student_module = student_module
+        self.dual = isinstance(student_module, DualEncoder)
+        self.negatives = negatives.HardNegatives.from_config(loss_cfg) if task == "itm" and self.dual else None
         self.t_layers: tuple[int, ...] = ()
         self.s_layers: tuple[int, ...] = ()
         self.queue: losses.TokenQueue | None = None
@@ -121,6 +125,23 @@ class DistillTask:
                                          None if present is None else present.to(student_logits.device))
         return losses.soft_label_kl(student_logits, teacher_logits, T)
 
+    def student_forward(self, b: dict, capture: bool, generator: torch.Generator | None = None,
+                        layers: tuple[int, ...] = (), model: Callable | None = None):
+        """The student (``model``, default the engine) on a device batch.  For ITM the rows it
+        scores are chosen here: the dual encoder's hard negatives by ``self.negatives`` inside
+        its forward (from its own embeddings), a training fusion student's random ones before
+        it; either way ``rows`` of the output holds them, drawn from ``generator``."""
+        model = model or self.student
+        kw = {"layers": layers} if layers else {}
+        if self.task == "itm" and self.dual:
+            kw.update(negatives=self.negatives, generator=generator)
+        elif self.task == "itm" and self.student_module.training:
+            rows = negatives.random_rows(b, generator)
+            s = model(rows["images"], rows["input_ids"], rows["attention_mask"], None, capture=capture, **kw)
+            s.rows = rows
+            return s
+        return model(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"), capture=capture, **kw)
+
     def training_forward(self, b: dict, timed: bool = False, generator: torch.Generator | None = None) -> StepOutput:
         """Loss and its named parts for one micro-batch.  ``generator`` (on the batch's
         device) serves every random draw the student makes (ITM negatives), so a step's
@@ -129,11 +150,7 @@ class DistillTask:
         capture = cfg.attn_t2i > 0 or cfg.attn_i2t > 0
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        kw = {"layers": self.s_layers} if self.s_layers else {}
-        if generator is not None and self.task == "itm":
-            kw["generator"] = generator
-        s = self.student(b["images"], b["input_ids"], b["attention_mask"], b.get("images2"),
-                         capture=capture, itc=cfg.itc > 0, **kw)
+        s = self.student_forward(b, capture, generator, self.s_layers)
         parts: dict[str, torch.Tensor] = {}
         labels = self.labels(b, s)
         if self.teacher is not None and cfg.distills():
@@ -155,8 +172,8 @@ class DistillTask:
         if cfg.ground_truth > 0:
             parts["ground_truth"] = (losses.vqa_ground_truth(s.logits, labels) if self.task == "vqa"
                                      else F.cross_entropy(s.logits.float(), labels))
-        if s.itc_loss is not None:
-            parts["itc"] = s.itc_loss
+        if cfg.itc > 0 and s.embeddings is not None:
+            parts["itc"] = losses.contrastive(*s.embeddings)
         weights = {"attn_t2i": cfg.attn_t2i, "attn_i2t": cfg.attn_i2t, "soft_label": cfg.soft_label,
                    "ground_truth": cfg.ground_truth, "itc": cfg.itc, "attn_mse": cfg.attn_mse,
                    "token_nce": cfg.token_nce}

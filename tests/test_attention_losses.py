@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dide_scale import losses
+from dide_scale import losses, negatives
 from dide_scale.models.attention import CrossQK, t2i_i2t
 
 
@@ -143,7 +143,7 @@ def test_contrastive_and_mining():
     ref = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6)))
     assert torch.allclose(got, ref, atol=1e-6)
     for _ in range(20):
-        neg_img, neg_txt, _ = losses.mine_hard_negatives(te, ie)
+        neg_img, neg_txt, _ = negatives.mine_hard_negatives(te, ie)
         assert (neg_img != torch.arange(6)).all() and (neg_txt != torch.arange(6)).all()
     # the hardest negative is chosen most often
     sim = te @ ie.t()
@@ -151,7 +151,7 @@ def test_contrastive_and_mining():
     counts = torch.zeros(6, 6)
     torch.manual_seed(0)
     for _ in range(300):
-        neg_img, _, _ = losses.mine_hard_negatives(te, ie)
+        neg_img, _, _ = negatives.mine_hard_negatives(te, ie)
         counts[torch.arange(6), neg_img] += 1
     assert (counts.argmax(1) == sim.argmax(1)).float().mean() >= 0.5
 
@@ -167,14 +167,14 @@ def test_mining_is_hard_only_at_the_contrastive_temperature():
     hits = {}
     for scale in (1.0, 1 / 0.07):
         gen = torch.Generator().manual_seed(1)
-        draws = [losses.mine_hard_negatives(te, ie, scale, across_ranks=False, generator=gen)[0][0].item()
+        draws = [negatives.mine_hard_negatives(te, ie, scale, across_ranks=False, generator=gen)[0][0].item()
                  for _ in range(40)]
         hits[scale] = sum(d == 1 for d in draws) / len(draws)
     assert hits[1.0] < 0.1 and hits[1 / 0.07] > 0.8
 
 
 def test_student_reads_the_contrastive_temperature():
+    from dide_scale.build import build_student
     from dide_scale.config import load_config
-    from dide_scale.models.build import build_student
     cfg = load_config("debug", ["train.task=itm", "loss.itc=1", "loss.itc_temperature=0.05"])
     assert torch.allclose(build_student(cfg).logit_scale.exp(), torch.tensor([20.0]))

@@ -60,7 +60,7 @@ def test_submit_resources_follow_the_data_workers():
 # -- fp16 overflow is not a fault -------------------------------------------------------------
 
 def test_only_truly_non_finite_steps_are_bad():
-    from dide_scale.train import is_bad_step
+    from dide_scale.trainer import is_bad_step
     finite, nan = torch.tensor(2.5), torch.tensor(float("nan"))
     assert not is_bad_step(False, "fp16", nan)
     # fp16: dynamic loss scaling skips steps whose gradients overflowed at the current scale

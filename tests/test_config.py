@@ -79,3 +79,17 @@ def test_resolved_config_round_trips(tmp_path):
     back = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert back == cfg
     assert json.loads((tmp_path / "ds_config.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("override, choices", [
+    ("train.task=vqq", "'itm', 'vqa', 'nlvr2', 'snli_ve'"),
+    ("train.zero_stage=4", "0, 1, 2, 3"),
+    ("teacher.zero_stage=2", "0, 3"),
+    ("loss.head_map=max", "'per_head', 'mean'"),
+    ("data.image_resize=crop", "'vilt', 'stretch'"),
+])
+def test_choice_fields_name_their_choices(override, choices):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", [override])
+    assert str(e.value).startswith(f"{key}=") and choices in str(e.value)

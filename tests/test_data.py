@@ -84,7 +84,8 @@ def test_weighted_sources_mix(demo_shards, tmp_path):
     other = generate_split(tmp_path / "other", 64, 9, samples_per_shard=64)
     dec = SampleDecoder("vqa", GEO, 40_000_000, list(ANSWERS))
     sources = expand_sources(f"{demo_shards}/train/{{00000..00003}}.tar::{other}/00000.tar", [1.0, 3.0])
-    loader = ResumableLoader(WdsBatches(sources, dec, Collate("builtin:demo", 16, GEO.max_patches), 8, 0, open_shards=1))
+    collate = Collate("builtin:demo", 16, GEO.max_patches)
+    loader = ResumableLoader(WdsBatches(sources, dec, collate, 8, 0, open_shards=1))
     take(loader, 200)  # ~25 shard picks
     _, seen, _ = loader.counters()
     assert seen["other"] > seen["train"] > 0
@@ -173,7 +174,8 @@ def test_epoch_mode_training_repeats_with_a_new_order_and_resumes(demo_shards):
 
     def loader():
         dec = SampleDecoder("vqa", GEO, 40_000_000, list(ANSWERS))
-        ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16, GEO.max_patches), 32, 0, resampled=False,
+        ds = WdsBatches(expand_sources(pattern), dec, Collate("builtin:demo", 16, GEO.max_patches), 32, 0,
+                        resampled=False,
                         open_shards=2, num_workers=0)
         return ResumableLoader(ds, repeat=True)
     full = take(loader(), 20)  # 8 batches per epoch

@@ -33,9 +33,9 @@ def _half(batch, i):
 
 def _one_step(cfg, halves, accum):
     from dide_scale import engine
-    from dide_scale.models.build import build_student, build_teacher
+    from dide_scale.build import build_student, build_teacher
     from dide_scale.task import DistillTask
-    from dide_scale.train import train_step
+    from dide_scale.trainer import train_step
     torch.manual_seed(0)
     student, teacher = build_student(cfg), build_teacher(cfg)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -70,7 +70,8 @@ def zero_worker(args):
         dist.all_reduce(vals)
         path = Path(args["tmp"]) / f"params_stage{stage[0]}_{stage[1]}_rank{env.rank}.pt"
         torch.save(sd, path)
-        out[f"{stage[0]}_{stage[1]}"] = {"loss": (vals / env.world_size).tolist(), "params": str(path), "teacher_fraction": fraction,
+        out[f"{stage[0]}_{stage[1]}"] = {"loss": (vals / env.world_size).tolist(), "params": str(path),
+                                         "teacher_fraction": fraction,
                       "teacher_unchanged": unchanged}
     return out
 
@@ -112,7 +113,7 @@ def test_two_ranks_match_one_process_at_every_zero_stage(demo_shards, teacher_di
             else:
                 assert r["teacher_fraction"] == 1.0
     # the step changed the student (the comparison above is not trivially of initial weights)
-    from dide_scale.models.build import build_student
+    from dide_scale.build import build_student
     torch.manual_seed(0)
     init = build_student(cfg).state_dict()
     assert any(not torch.allclose(init[k], ref_sd[k]) for k in init)

@@ -16,8 +16,32 @@ def metrics(run):
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+def poison_steps(monkeypatch, steps: set[int]) -> None:
+    """Make the loss of optimizer steps ``steps`` (1-based) NaN, through the real backward and
+    optimizer: the trainer's step function is wrapped so that, on those steps, the task's
+    forward returns its loss times NaN."""
+    from dide_scale import trainer
+    real = trainer.train_step
+
+    def train_step(engines, task, batches, accum, timed, key=(0, 0, 0)):
+        if key[2] + 1 not in steps:
+            return real(engines, task, batches, accum, timed, key)
+        forward = task.training_forward
+
+        def nan_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.loss = out.loss * float("nan")
+            return out
+        task.training_forward = nan_forward
+        try:
+            return real(engines, task, batches, accum, timed, key)
+        finally:
+            del task.training_forward  # the class's method again
+    monkeypatch.setattr(trainer, "train_step", train_step)
+
+
 def test_nan_loss_step_is_skipped_and_counted(demo_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("DIDE_INJECT_NAN_STEPS", "3")
+    poison_steps(monkeypatch, {3})
     run = tmp_path / "run"
     assert main(["--config", "debug", *tiny_overrides(demo_shards, run, **{"train.max_steps": 5})]) == 0
     rows = metrics(run)
@@ -28,7 +52,7 @@ def test_nan_loss_step_is_skipped_and_counted(demo_shards, tmp_path, monkeypatch
 
 
 def test_consecutive_nan_steps_stop_the_run_with_a_checkpoint_from_before(demo_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("DIDE_INJECT_NAN_STEPS", "3,4,5")
+    poison_steps(monkeypatch, {3, 4, 5})
     run = tmp_path / "run"
     code = main(["--config", "debug", *tiny_overrides(demo_shards, run, **{
         "train.max_steps": 8, "train.save_every": 2, "train.max_bad_steps": 3})])
@@ -92,7 +116,8 @@ def test_storage_fault_mid_checkpoint_keeps_previous_intact(demo_shards, tmp_pat
     monkeypatch.setattr(torch, "save", real_save)
     assert calls["n"] >= 1
     assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert main(["--config", "debug", *tiny_overrides(demo_shards, run, **{"train.max_steps": 6, "train.save_every": 2})]) == 0
+    overrides = tiny_overrides(demo_shards, run, **{"train.max_steps": 6, "train.save_every": 2})
+    assert main(["--config", "debug", *overrides]) == 0
     log = (run / "logs" / "rank000.log").read_text()
     assert "resuming at step 2" in log
     record("storage_full", failed_writes=calls["n"], latest_after_failure="step_00000002", resumed_from=2)

@@ -163,7 +163,7 @@ def test_inference_api_cached_equals_uncached():
 
 
 def test_best_on_record_prefers_the_newer_export(tmp_path):
-    from dide_scale.train import best_on_record
+    from dide_scale.trainer import best_on_record
     assert best_on_record(None, tmp_path) is None
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 20, "accuracy": 0.65, "split": "x"}))

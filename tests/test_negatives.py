@@ -30,9 +30,9 @@ def negatives_worker(args: dict) -> dict:
     import torch.distributed as dist
 
     from dide_scale.distributed import gather_rows
-    from dide_scale.losses import mine_hard_negatives
     from dide_scale.models.images import images_from_pixels
     from dide_scale.models.student import DualEncoder, TowerShape
+    from dide_scale.negatives import HardNegatives, mine_hard_negatives
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     # text i of rank 0 is identical to image i of rank 1 (and vice versa): the hardest negative
@@ -61,7 +61,7 @@ def negatives_worker(args: dict) -> dict:
     mask = torch.ones(B, 8, dtype=torch.long)
     images = images_from_pixels(pixels, 8)
     with HostSyncs() as syncs:  # the ITM micro-batch path reads nothing back to the host
-        out = model(images, input_ids, mask, capture=True)
+        out = model(images, input_ids, mask, capture=True, negatives=HardNegatives())
         out.logits.sum().backward()
     all_pix = [torch.empty_like(images.patches) for _ in range(2)]
     dist.all_gather(all_pix, images.patches)
@@ -105,7 +105,7 @@ def test_hard_negatives_are_mined_and_fetched_across_ranks(tmp_path):
 
 def test_single_process_mining_stays_in_the_batch():
     from dide_scale.distributed import gather_rows
-    from dide_scale.losses import mine_hard_negatives
+    from dide_scale.negatives import mine_hard_negatives
     torch.manual_seed(0)
     t, i = torch.randn(5, 8), torch.randn(5, 8)
     neg_img, neg_txt, _ = mine_hard_negatives(t, i)

@@ -15,7 +15,8 @@ from dide_scale.models.images import images_from_pixels
 
 transformers = pytest.importorskip("transformers")
 
-ARCH = "{width: 32, depth: 2, heads: 2, mlp_ratio: 2.0, patch_size: 16, image_size: [64, 64], max_text_len: 12, vocab_size: 100}"
+ARCH = ("{width: 32, depth: 2, heads: 2, mlp_ratio: 2.0, patch_size: 16, image_size: [64, 64], max_text_len: 12, "
+        "vocab_size: 100}")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_vilt_initialised_towers_see_vilts_own_first_block_inputs(vilt_dir):
     that LayerNorm's bias; image: into the [CLS] token and the position table.  Each tower's
     first block then sees exactly what ViLT's first block sees for the same text / image, and
     both poolers are ViLT's."""
-    from dide_scale.models.build import build_student
+    from dide_scale.build import build_student
     from dide_scale.models.hf_vilt import HFViltTeacher
     cfg = load_config("debug", [f"student.arch={ARCH}", f"student.init=vilt:{vilt_dir}", "train.task=vqa",
                                 "data.num_answers=16"])
@@ -93,8 +94,8 @@ def test_nlvr2_attention_loss_is_the_sum_of_both_passes():
 
 @pytest.mark.parametrize("kind", ["dual", "fusion"])
 def test_head_lr_multiplier_reaches_the_task_head_only(kind):
+    from dide_scale.build import build_student
     from dide_scale.engine import param_groups
-    from dide_scale.models.build import build_student
     cfg = load_config("debug", [f"student.kind={kind}", "optim.head_lr_mult=10"])
     model = build_student(cfg)
     groups = param_groups(model, 1.0, 0.01, model.head_parameters(), 10.0)

@@ -174,10 +174,10 @@ def eval_worker(args: dict) -> dict:
     """Each rank evaluates its share of the split; the sums are added over ranks."""
     import torch.distributed as dist
 
+    from dide_scale.build import build_student
     from dide_scale.config import load_config
     from dide_scale.data.pipeline import build_loader
     from dide_scale.evaluate import evaluate
-    from dide_scale.models.build import build_student
     world = int(args.get("world", 1))
     if world > 1:
         dist.init_process_group("gloo")

@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-STEPS = 80  # ~0.05 s each: a window of seconds to signal in (SLURM takes up to ~1 s to deliver), and still seconds in all
+# ~0.05 s each: a window of seconds to signal in (SLURM takes up to ~1 s to deliver), and still seconds in all
+STEPS = 80
 RUN = {"train.max_steps": STEPS, "train.global_batch_size": 16, "train.micro_batch_size": 4,
        "train.log_every": 1, "data.num_workers": 0}
 JOB_TIMEOUT = 150  # a cold DeepSpeed start is ~10 s here; a requeue adds ~6 s
@@ -106,7 +107,7 @@ def complete_checkpoints(run_dir: Path) -> list[int]:
 def data_position(run_dir: Path, step: int) -> dict:
     own = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "dide_rank00000.pt", weights_only=True)
     own["state"]["data"].pop("num_workers")  # 0 and 1 worker read the same single stream
-    return own["state"]
+    return {k: own["state"][k] for k in ("train", "data")}
 
 
 def assert_resumed_like_reference(run_dir: Path, reference: Path) -> int:

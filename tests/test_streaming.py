@@ -226,8 +226,10 @@ def test_a_stop_signal_while_waiting_for_data_checkpoints_and_requeues(shards, t
     finally:
         srv.release()
         srv.stop()
-    hist = {json.loads(x)["step"]: json.loads(x)["loss/loss"] for x in (remote / "logs" / "metrics.jsonl").read_text().splitlines()}
-    ref = {json.loads(x)["step"]: json.loads(x)["loss/loss"] for x in (local / "logs" / "metrics.jsonl").read_text().splitlines()}
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss/loss"] for r in rows}
+    hist, ref = losses(remote), losses(local)
     assert hist == ref
     assert exit_s < 10
     record("stop_during_data_wait", seconds_hang_to_exit=round(exit_s, 1), checkpoint=latest, losses_equal=True,

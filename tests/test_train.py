@@ -7,8 +7,8 @@ import torch
 from conftest import labelled, tiny_overrides
 from safetensors.torch import load_file
 
+from dide_scale.build import build_student
 from dide_scale.config import load_config
-from dide_scale.models.build import build_student
 from dide_scale.models.fusion import FusionEncoder
 from dide_scale.models.images import images_from_pixels
 from dide_scale.models.saved import load_pretrained, save_pretrained
@@ -60,10 +60,10 @@ def test_teacher_is_frozen_and_outside_the_optimizer(demo_shards, teacher_dir, t
     """Through the real engine: after steps, teacher weights are unchanged and absent from
     the optimizer; the student did change."""
     from dide_scale import distributed, engine
+    from dide_scale.build import build_teacher
     from dide_scale.data.pipeline import build_loader
-    from dide_scale.models.build import build_teacher
     from dide_scale.task import DistillTask
-    from dide_scale.train import train_step
+    from dide_scale.trainer import train_step
     cfg = load_config("debug", tiny_overrides(demo_shards, tmp_path, **{
         "teacher.path": str(teacher_dir), "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0, "loss.soft_label": 1.0}))
     env = distributed.detect()
@@ -96,7 +96,7 @@ def test_bad_inputs_fail_before_training(demo_shards, tmp_path, capsys):
 
 
 def test_teacher_directory_errors(tmp_path, teacher_dir):
-    from dide_scale.models.build import build_teacher
+    from dide_scale.build import build_teacher
     cfg = load_config("debug", ["teacher.path=" + str(tmp_path / "missing"), "loss.soft_label=1.0"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         build_teacher(cfg)
@@ -105,7 +105,8 @@ def test_teacher_directory_errors(tmp_path, teacher_dir):
     cfg = load_config("debug", ["teacher.path=" + str(tmp_path / "bert"), "loss.soft_label=1.0"])
     with pytest.raises(ValueError, match="model_type='bert'.*dide_fusion"):
         build_teacher(cfg)
-    cfg = load_config("debug", ["teacher.path=" + str(tmp_path / "bert"), "loss.soft_label=1.0", "teacher.kind=hf_vilt"])
+    cfg = load_config("debug", ["teacher.path=" + str(tmp_path / "bert"), "loss.soft_label=1.0",
+                                "teacher.kind=hf_vilt"])
     with pytest.raises(ValueError, match="vilt"):
         build_teacher(cfg)
 
@@ -139,3 +140,4 @@ def test_bf16_with_activation_checkpointing_and_distillation(demo_shards, teache
     if not torch.cuda.is_available():
         assert main(["--config", "debug", *tiny_overrides(demo_shards, tmp_path / "fp16"),
                      "train.precision=fp16"]) == 2
+

@@ -293,7 +293,8 @@ def measure(start, workers: int, warmup_s: float, window_s: float) -> dict:
             except Exception:
                 pass
         gc.collect()
-    return {"images": images, "seconds": dt, "ips": images / dt, "out_kpix": pixels / max(images, 1) / 1e3, "worker_cpu": wcpu, "main_cpu": mcpu,
+    return {"images": images, "seconds": dt, "ips": images / dt, "out_kpix": pixels / max(images, 1) / 1e3,
+            "worker_cpu": wcpu, "main_cpu": mcpu,
             "ips_per_cpu": images / wcpu if wcpu > 0 else float("nan"), "warmup": first,
             "first_batch": t_first - t_start, "total": time.perf_counter() - t_start}
 

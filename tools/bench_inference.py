@@ -2,8 +2,8 @@
 """Inference speed: the DiDE dual-encoder student vs its fusion teacher, side by side.
 
 Paper shapes by default (B/32 width and depth for both, 4:3 photos at ViLT's geometry:
-384x512 = 192 patches in 228 slots, 40 text tokens).  Both models use the same timm blocks with fused SDPA attention, so the
-comparison measures the architecture, not two implementations.
+384x512 = 192 patches in 228 slots, 40 text tokens).  Both models use the same timm blocks
+with fused SDPA attention, so the comparison measures the architecture, not two implementations.
 
   (a) uncached: every question pays for its image (equal token counts per forward);
   (b) VQA with image embeddings cached, Q questions per image: the student runs only its

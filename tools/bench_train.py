@@ -77,10 +77,10 @@ def synthetic_batch(preset: str, batch: int, task: str, num_classes: int, seed: 
 
 def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -> dict:
     from dide_scale import engine
+    from dide_scale.build import build_student, build_teacher
     from dide_scale.metrics import model_flops_per_sample, peak_flops
-    from dide_scale.models.build import build_student, build_teacher
     from dide_scale.task import DistillTask
-    from dide_scale.train import train_step
+    from dide_scale.trainer import train_step
     torch.manual_seed(0)
     student = build_student(cfg)
     teacher = build_teacher(cfg) if teacher_dir else None

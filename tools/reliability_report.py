@@ -24,13 +24,15 @@ FAULTS = [
      "tests/test_checkpoint.py::test_rank_sigkilled_mid_step_then_relaunch_equals_uninterrupted"),
     ("preemption", "Preemption", "SIGUSR1 delivered to the training process while it runs",
      "tests/test_faults.py::test_stop_signal_checkpoints_and_exits_for_requeue"),
-    ("storage_full", "Disk full while checkpointing", "torch.save raises ENOSPC for every file of the step-4 checkpoint",
+    ("storage_full", "Disk full while checkpointing",
+     "torch.save raises ENOSPC for every file of the step-4 checkpoint",
      "tests/test_faults.py::test_storage_fault_mid_checkpoint_keeps_previous_intact"),
-    ("bad_data", "Bad data at scale", "10% of samples broken (7 kinds, rotating) + one unreadable shard file, 2 workers",
+    ("bad_data", "Bad data at scale",
+     "10% of samples broken (7 kinds, rotating) + one unreadable shard file, 2 workers",
      "tests/test_faults.py::test_bad_data_at_scale_is_skipped_counted_and_training_finishes"),
-    ("nan_step", "Non-finite loss, once", "DIDE_INJECT_NAN_STEPS=3",
+    ("nan_step", "Non-finite loss, once", "the loss of step 3 made NaN (the test wraps the trainer's step)",
      "tests/test_faults.py::test_nan_loss_step_is_skipped_and_counted"),
-    ("nan_consecutive", "Non-finite loss, K times in a row", "DIDE_INJECT_NAN_STEPS=3,4,5 with train.max_bad_steps=3",
+    ("nan_consecutive", "Non-finite loss, K times in a row", "losses of steps 3-5 made NaN, train.max_bad_steps=3",
      "tests/test_faults.py::test_consecutive_nan_steps_stop_the_run_with_a_checkpoint_from_before"),
     ("itm_killed_resumes_exactly", "The whole ITM pre-training job dies",
      "SIGKILL of both gloo ranks right after the step-4 checkpoint; hard-negative mining across ranks, ITC, "
@@ -113,7 +115,8 @@ def outcome(key: str, r: dict) -> str:
         return (f"the run ended after {r['seconds_to_error']} s with `DataStalled`, naming the shard URLs each worker "
                 "was reading; the stuck workers were killed (no hang at exit)")
     if key == "stop_during_data_wait":
-        return (f"checkpoint of the last complete step ({r['checkpoint']}) and exit code 42 {r['seconds_hang_to_exit']} "
+        return (f"checkpoint of the last complete step ({r['checkpoint']}) and exit code 42 "
+                f"{r['seconds_hang_to_exit']} "
                 "s after the hang began; relaunched with the server back, the losses equal an undisturbed run's")
     if key == "one_rank_fails_to_load":
         return (f"both ranks skipped {r['newest']} and resumed from step {r['resumed_from']} together "

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from .attention import QKTap, additive_mask, joint_outputs, resolve_layer, run_tapped
 from .hub import Exportable, labels_of
 from .images import Images, Normalize
-from .student import StudentOutput, TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
+from .output import ModelOutput
+from .student import TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
 
 
 class FusionEncoder(nn.Module, Exportable):
@@ -127,18 +128,11 @@ class FusionEncoder(nn.Module, Exportable):
                                        images.token_mask()))
 
     def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
-                capture: bool = False, itc: bool = False, layers: tuple[int, ...] = (),
-                generator: torch.Generator | None = None) -> StudentOutput:
-        if itc:
-            raise ValueError("a fusion model has no separate embeddings for a contrastive loss")
-        rows = None
-        if self.task == "itm" and self.training:
-            t_idx, i_idx = random_negative_rows(input_ids.shape[0], input_ids.device, generator)
-            images, input_ids, attention_mask = images[i_idx], input_ids[t_idx], attention_mask[t_idx]
-            rows = {"images": images, "input_ids": input_ids, "attention_mask": attention_mask}
+                capture: bool = False, layers: tuple[int, ...] = ()) -> ModelOutput:
+        """Scores the (text, image) rows it is given (ITM training picks its negative rows
+        beforehand, on the training side)."""
         pooled, out = joint_passes(self.joint, images, input_ids, attention_mask, images2, capture, layers,
                                    self.task == "nlvr2")
-        out.rows = rows
         out.logits = self.head(pooled)
         return out
 
@@ -164,12 +158,12 @@ class FusionEncoder(nn.Module, Exportable):
 
 
 def joint_passes(joint, images: Images, input_ids, attention_mask, images2: Images | None, capture: bool,
-                 layers: tuple[int, ...], nlvr2: bool) -> tuple[torch.Tensor, StudentOutput]:
+                 layers: tuple[int, ...], nlvr2: bool) -> tuple[torch.Tensor, ModelOutput]:
     """One ``joint`` pass (two for NLVR2: the text with each image, image token types 1 and 2)
-    of a fusion model: (pooled state, the two concatenated for NLVR2; a StudentOutput holding
+    of a fusion model: (pooled state, the two concatenated for NLVR2; a ModelOutput holding
     every pass's CrossQK / JointStates, logits still to fill)."""
     pooled, qk, states = joint(images, input_ids, attention_mask, 1, capture, layers)
-    out = StudentOutput(None, [qk] if capture else [], states=[states] if layers else [])
+    out = ModelOutput(None, [qk] if capture else [], states=[states] if layers else [])
     if nlvr2:
         if images2 is None:
             raise ValueError("nlvr2 needs two images")
@@ -178,16 +172,3 @@ def joint_passes(joint, images: Images, input_ids, attention_mask, images2: Imag
         out.states += [states2] if layers else []
         pooled = torch.cat([pooled, pooled2], -1)
     return pooled, out
-
-
-def random_negative_rows(b: int, device, generator: torch.Generator | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text_idx, image_idx) [3B]: B positives, B (text, another image), B (another text, image);
-    "another" is uniform over the rest of the micro-batch, drawn on ``device`` from
-    ``generator`` (on that device; the global RNG when None)."""
-    if b < 2:
-        raise ValueError("ITM negatives need a micro-batch of at least 2 pairs")
-    ar = torch.arange(b, device=device)
-    other_img = (ar + torch.randint(1, b, (b,), generator=generator, device=device)) % b
-    other_txt = (ar + torch.randint(1, b, (b,), generator=generator, device=device)) % b
-    return torch.cat([ar, ar, other_txt]), torch.cat([ar, other_img, ar])

@@ -4,14 +4,14 @@
 :class:`~dide_scale.models.fusion.FusionEncoder`::
 
     out = teacher(images, input_ids, attention_mask, images2=None, capture=False, layers=())
-    out.logits, out.qk, out.states   # a StudentOutput
+    out.logits, out.qk, out.states   # a ModelOutput
 
 ``images`` is an :class:`~dide_scale.models.images.Images` batch (patch sequences with
 pixels in [0, 1], their grid coordinates and validity); the adapter applies the
 checkpoint's own image normalisation (``preprocessor_config.json``'s
-``image_mean``/``image_std``, else ViLT's 0.5/0.5).  ``out.qk`` holds one :class:`CrossQK` per image pass (two for NLVR2) when
-``capture`` is set, else it is empty; ``out.states`` one :class:`JointStates` per image
-pass for the blocks in ``layers`` (queries/keys from hooks, block outputs from
+``image_mean``/``image_std``, else ViLT's 0.5/0.5).  ``out.qk`` holds one :class:`CrossQK`
+per image pass (two for NLVR2) when ``capture`` is set, else it is empty; ``out.states``
+one :class:`JointStates` per image pass for the blocks in ``layers`` (queries/keys from hooks, block outputs from
 ``output_hidden_states``), for layer-to-layer distillation into a small fusion student.
 
 Image embedding.  ``ViltEmbeddings.visual_embed`` takes a padded pixel batch, interpolates
@@ -58,7 +58,7 @@ from torch import nn
 from .attention import joint_outputs, resolve_layer, run_tapped
 from .fusion import joint_passes
 from .images import VILT_MEAN, VILT_STD, Images, Normalize, conv_to_linear, sample_positions
-from .student import StudentOutput
+from .output import ModelOutput
 
 TASK_CLASSES = {
     "itm": "ViltForImageAndTextRetrieval",
@@ -254,7 +254,7 @@ class HFViltTeacher(nn.Module):
                                image_mask))
 
     def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
-                capture: bool = False, layers: tuple[int, ...] = ()) -> StudentOutput:
+                capture: bool = False, layers: tuple[int, ...] = ()) -> ModelOutput:
         pooled, out = joint_passes(self.joint, images, input_ids, attention_mask, images2, capture, layers,
                                    self.task == "nlvr2")
         if self.task == "itm":

@@ -19,8 +19,8 @@ from .student import DualEncoder
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict | None = None,
                     card: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` + a model card (``card``'s fields), and
-    whatever ``extra(tmp_dir)`` adds, atomically via a temp dir rename.  ``state_dict`` (e.g. consolidated from a sharded
-    checkpoint) replaces the model's own weights: they are loaded into a fresh CPU copy, so
+    whatever ``extra(tmp_dir)`` adds, atomically via a temp dir rename.  ``state_dict`` (e.g.
+    consolidated from a sharded checkpoint) replaces the model's own weights: they are loaded into a fresh CPU copy, so
     ``model`` itself may be a partitioned module inside an engine."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

@@ -17,11 +17,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from ..distributed import exchange_capacity, gather_rows, world_size
-from ..losses import contrastive, mine_hard_negatives
-from .attention import CrossQK, JointStates, QKTap, additive_mask, resolve_layer
+from .attention import CrossQK, QKTap, additive_mask, resolve_layer
 from .hub import Exportable, labels_of
 from .images import Images, Normalize
+from .output import ModelOutput
 
 
 @dataclass
@@ -172,23 +171,6 @@ class TextTower(nn.Module):
         return self.norm(x)
 
 
-@dataclass
-class StudentOutput:
-    """What a model call returns (students, and the teachers in the same shape):
-    ``logits``; ``qk`` one CrossQK per image pass when capturing; ``rows`` for ITM: the
-    inputs of every scored (text, image) row (``images``, ``input_ids``, ``attention_mask``;
-    negatives may come from other ranks), which the teacher scores too; ``itc_loss``;
-    ``states`` one JointStates per image pass of a fusion model asked for ``layers``;
-    ``stats`` device scalars for monitoring (e.g. ITM negatives replaced by local ones)."""
-
-    logits: torch.Tensor | None
-    qk: list[CrossQK]
-    rows: dict | None = None
-    itc_loss: torch.Tensor | None = None
-    states: list[JointStates] = field(default_factory=list)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # device scalars for the metrics
-
-
 class DualEncoder(nn.Module, Exportable):
     """The DiDE student.
 
@@ -219,8 +201,6 @@ class DualEncoder(nn.Module, Exportable):
         self.itc_text = nn.Linear(h, h)
         # log(1 / loss.itc_temperature); 1-d: DeepSpeed broadcasts bytes views
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / itc_temperature)))
-        self.negatives_across_ranks = True  # ITM hard negatives from every rank's micro-batch (loss.itm_negatives)
-        self.exchange_factor = 2.0  # rows asked of each rank: this x an even share (loss.itm_exchange_capacity)
 
     # -- towers --------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -233,7 +213,8 @@ class DualEncoder(nn.Module, Exportable):
     def encode_image(self, images: Images, cls_only: bool = False) -> torch.Tensor:
         return self.image(images, cls_only)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    cls_only: bool = False) -> torch.Tensor:
         return self.text(input_ids, attention_mask, cls_only)
 
     def pool_image(self, states: torch.Tensor) -> torch.Tensor:
@@ -266,38 +247,35 @@ class DualEncoder(nn.Module, Exportable):
         return F.normalize(self.itc_text(text_cls), dim=-1), F.normalize(self.itc_image(image_cls), dim=-1)
 
     def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
-                capture: bool = False, itc: bool = False, generator: torch.Generator | None = None) -> "StudentOutput":
+                capture: bool = False, negatives=None, generator: torch.Generator | None = None) -> ModelOutput:
         """The student's whole share of a training/eval step (one module call, so DeepSpeed
         ZeRO-3 gathers every parameter it touches).
 
-        For ``task='itm'`` the rows are [positives; (text, hard-negative image);
-        (hard-negative text, image)], the negatives mined over every rank's micro-batch
-        (``negatives_across_ranks``) from similarities scaled by the contrastive temperature,
-        and fetched with gradient (negatives drawn from ``generator``, on the batch's device);
-        ``rows`` holds each row's inputs.
+        For ``task='itm'`` the rows are [positives; (text, negative image); (negative text,
+        image)], where ``negatives`` (the training side's chooser, e.g.
+        ``dide_scale.negatives.HardNegatives``) picks the negative rows from the contrastive
+        embeddings, scaled by the contrastive temperature, drawing from ``generator``;
+        ``rows`` holds each row's inputs and ``embeddings`` the contrastive embeddings with
+        their scale, for the ITC loss.
         """
         self.set_capture(capture)
         text = self.encode_text(input_ids, attention_mask)
         image = self.encode_image(images)
         qk = [self.take_qk(attention_mask, images)] if capture else []
         t_cls, i_cls = self.pool_text(text), self.pool_image(image)
-        out = StudentOutput(logits=None, qk=qk)
+        out = ModelOutput(logits=None, qk=qk)
         if self.task == "itm":
+            if negatives is None:
+                raise ValueError("an ITM forward needs `negatives`, the chooser of its negative rows "
+                                 "(dide_scale.negatives.HardNegatives)")
             t_emb, i_emb = self.contrastive_embeddings(t_cls, i_cls)
             scale = self.logit_scale.exp().clamp(max=100)
-            if itc:
-                out.itc_loss = contrastive(t_emb, i_emb, scale)
-            across = self.negatives_across_ranks
-            cap = exchange_capacity(len(images), world_size(), self.exchange_factor) if across else None
-            neg_img, neg_txt, out.stats["itm/local_fallback"] = mine_hard_negatives(
-                t_emb, i_emb, scale.detach(), across, generator, cap)
+            out.embeddings = (t_emb, i_emb, scale)
             q = qk[0] if capture else None
             img_side = [i_cls, *images.tensors()] + ([q.q_image, q.k_image] if capture else [])
             txt_side = [t_cls, input_ids, attention_mask] + ([q.q_text, q.k_text] if capture else [])
-            if across:
-                neg_i, neg_t = gather_rows(img_side, neg_img, cap), gather_rows(txt_side, neg_txt, cap)
-            else:
-                neg_i, neg_t = [t[neg_img] for t in img_side], [t[neg_txt] for t in txt_side]
+            neg_i, neg_t, out.stats["itm/local_fallback"] = negatives(t_emb, i_emb, scale.detach(), img_side,
+                                                                      txt_side, generator)
 
             # rows: [positives; (text, negative image); (negative text, image)]
             def text_rows(k):

@@ -1,7 +1,7 @@
 """Weights from elsewhere mapped onto the student: a transformers ViLT checkpoint (both
 towers from its one encoder, as the paper does), an exported project fusion model, or a timm
 ViT + a transformers BERT.  Name maps and the few exact folds (modality-type embeddings,
-position tables) live here; building models from a config is ``models.build``'s job."""
+position tables) live here; building models from a config is ``dide_scale.build``'s job."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +52,8 @@ def _embeds_from_classic(patch_w, patch_b, cls_token, pos_embed, grid: tuple[int
     if gh * gw != n:
         raise ValueError(f"a position table of {n} patch positions is not a {gh}x{gw} grid")
     return {"embeds.proj.weight": conv_to_linear(patch_w), "embeds.proj.bias": patch_b,
-            "embeds.cls_token": cls_token + pos_embed[:, :1], "embeds.pos_embed": pos_embed[:, 1:].reshape(1, gh, gw, c)}
+            "embeds.cls_token": cls_token + pos_embed[:, :1],
+            "embeds.pos_embed": pos_embed[:, 1:].reshape(1, gh, gw, c)}
 
 
 def _canonical_from_vilt(src: dict, vilt_grid: tuple[int, int]) -> dict:
@@ -62,7 +63,8 @@ def _canonical_from_vilt(src: dict, vilt_grid: tuple[int, int]) -> dict:
     depth = 1 + max(int(k.split(".")[2 + (prefix != "")]) for k in src if k.startswith(prefix + "encoder.layer."))
     out = {f"text_embeddings.{k[len(e + 'text_embeddings.'):]}": v for k, v in src.items()
            if k.startswith(e + "text_embeddings.") and "position_ids" not in k}
-    emb = _embeds_from_classic(src[e + "patch_embeddings.projection.weight"], src[e + "patch_embeddings.projection.bias"],
+    proj = e + "patch_embeddings.projection."
+    emb = _embeds_from_classic(src[proj + "weight"], src[proj + "bias"],
                                src[e + "cls_token"], src[e + "position_embeddings"], vilt_grid)
     out.update({f"vit.{k}": v for k, v in emb.items()})
     out.update({"token_type.weight": src[e + "token_type_embeddings.weight"],
@@ -129,7 +131,8 @@ def init_student(student: DualEncoder, spec: str) -> DualEncoder:
     else:
         raise ValueError(f"student.init={spec!r}: expected random, vilt:DIR, fusion:DIR, timm_bert:DIR or export:DIR")
     own = student.state_dict()
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
     if wrong:
         raise ValueError(f"student.init={spec!r}: weight shapes do not fit student.arch (checkpoint vs student): "
                          f"{wrong[:4]}")
@@ -195,7 +198,8 @@ def _student_from_timm_bert(root: Path, student: DualEncoder) -> dict:
             "attn.proj.weight": bert[p + "attention.output.dense.weight"],
             "attn.proj.bias": bert[p + "attention.output.dense.bias"],
             "norm2.weight": bert[p + "output.LayerNorm.weight"], "norm2.bias": bert[p + "output.LayerNorm.bias"],
-            "mlp.fc1.weight": bert[p + "intermediate.dense.weight"], "mlp.fc1.bias": bert[p + "intermediate.dense.bias"],
+            "mlp.fc1.weight": bert[p + "intermediate.dense.weight"],
+            "mlp.fc1.bias": bert[p + "intermediate.dense.bias"],
             "mlp.fc2.weight": bert[p + "output.dense.weight"], "mlp.fc2.bias": bert[p + "output.dense.bias"],
         }.items()})
     return out

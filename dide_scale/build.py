@@ -1,18 +1,19 @@
-"""Build the student and the teacher from a RunConfig (the weight adapters are in
-``models.weights``, the saved format in ``models.saved``)."""
+"""Build the student and the teacher from a RunConfig: the wiring between the config and
+``models/`` (the weight adapters are in ``models.weights``, the saved format in
+``models.saved``)."""
 from __future__ import annotations
 
 from torch import nn
 
-from .fusion import FusionEncoder
-from .saved import load_pretrained, read_model_config
-from .student import DualEncoder, TowerShape
-from .weights import init_student
+from .labels import student_labels
+from .models.fusion import FusionEncoder
+from .models.saved import load_pretrained, read_model_config
+from .models.student import DualEncoder, TowerShape
+from .models.weights import init_student
 
 
 def build_student(cfg) -> nn.Module:
     """The trained model: the dual encoder, or a fusion model (student.kind=fusion)."""
-    from ..labels import student_labels
     shape = TowerShape.from_arch(cfg.student.arch)
     if cfg.student.kind == "fusion":
         model = FusionEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
@@ -33,8 +34,6 @@ def build_student(cfg) -> nn.Module:
             model.set_grad_checkpointing(True)
         return model
     student = DualEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer, cfg.loss.itc_temperature)
-    student.negatives_across_ranks = cfg.loss.itm_negatives == "global"
-    student.exchange_factor = cfg.loss.itm_exchange_capacity
     student.labels = student_labels(cfg)
     init_student(student, cfg.student.init)
     if cfg.student.grad_checkpointing:
@@ -50,7 +49,7 @@ def build_teacher(cfg) -> nn.Module | None:
     if t.kind == "hf_vilt":
         import transformers
 
-        from .hf_vilt import HFViltTeacher
+        from .models.hf_vilt import HFViltTeacher
         transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on the console
         teacher = HFViltTeacher.from_pretrained(t.path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
     else:
@@ -78,7 +77,7 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
     Visual tokens: every model takes the student's patch grid of each image (a teacher with
     another patch size gets each patch resampled to its own size, see ``DistillTask``), and
     interpolates its position table to that grid, so only square patches are required."""
-    from .attention import resolve_layer_map
+    from .models.attention import resolve_layer_map
     s = cfg.student.arch
     t_heads = teacher.num_heads
     t_patch = teacher.patch_size
