@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from .train import cli as _train_cli
 from .train import main as _train_main
 
 
@@ -19,5 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     return _train_main(argv, prog="dide-finetune")
 
 
+def cli() -> int:
+    return _train_cli("dide-finetune")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

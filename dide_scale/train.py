@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import distributed
@@ -18,7 +19,9 @@ from .config import ConfigError, RunConfig, load_config
 from .trainer import REQUEUE_EXIT_CODE
 
 log = logging.getLogger("dide_scale")
-__all__ = ["REQUEUE_EXIT_CODE", "StopSignal", "main", "preflight", "run"]
+__all__ = ["REQUEUE_EXIT_CODE", "StopSignal", "cli", "main", "preflight", "run", "step_exit_code"]
+# how long rank 0 of an srun step waits for the other ranks to be gone before it exits 42
+STEP_EXIT_GRACE_S = 5.0
 
 
 class StopSignal:
@@ -137,5 +140,30 @@ def main(argv: list[str] | None = None, prog: str = "dide-pretrain", stop: StopS
     return summary["exit_code"]
 
 
+def step_exit_code(code: int, signum: int | None, environ: dict | None = None) -> int:
+    """The exit code this process hands srun.  srun (``--kill-on-bad-exit`` or the cluster's
+    ``KillOnBadExit``) ends the whole step as soon as one task exits non-zero, so ranks that
+    all exit 42 one after the other kill the slower ones while they still tear down, and
+    the step reports 143 instead of 42.  After a stop checkpoint (every rank has saved its
+    part and passed the final barrier) only rank 0 reports 42: the others exit 0 and rank 0
+    exits ``STEP_EXIT_GRACE_S`` later.  After a SIGTERM, SLURM is ending the step itself
+    and the code is not shaped (there is no time to wait: KillWait)."""
+    if code != REQUEUE_EXIT_CODE or signum == signal.SIGTERM:
+        return code
+    env = distributed.detect(environ)
+    if env.launcher != "srun" or env.world_size == 1:
+        return code
+    if env.rank != 0:
+        return 0
+    time.sleep(STEP_EXIT_GRACE_S)
+    return code
+
+
+def cli(prog: str = "dide-pretrain") -> int:
+    """The console entry point: :func:`main`, with the exit code shaped for srun."""
+    stop = StopSignal()
+    return step_exit_code(main(None, prog, stop), stop.received)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -141,3 +141,20 @@ def test_bf16_with_activation_checkpointing_and_distillation(demo_shards, teache
         assert main(["--config", "debug", *tiny_overrides(demo_shards, tmp_path / "fp16"),
                      "train.precision=fp16"]) == 2
 
+
+def test_only_rank0_of_an_srun_step_reports_the_requeue(monkeypatch):
+    """Under srun with KillOnBadExit, a rank exiting 42 first would kill rank 0 mid-teardown
+    (the step then ends 143): the other ranks exit 0 and rank 0 exits 42 after a grace."""
+    import signal
+
+    from dide_scale import train
+    monkeypatch.setattr(train, "STEP_EXIT_GRACE_S", 0.0)
+    step = {"SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+            "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"}
+    usr1, term = signal.SIGUSR1, signal.SIGTERM
+    assert train.step_exit_code(42, usr1, step) == 0
+    assert train.step_exit_code(42, usr1, {**step, "SLURM_PROCID": "0"}) == 42
+    assert train.step_exit_code(42, term, step) == 42  # SLURM is ending the step itself: no shaping
+    assert train.step_exit_code(3, usr1, step) == 3  # failures are reported by every rank
+    assert train.step_exit_code(42, usr1, {**step, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == 42
+    assert train.step_exit_code(42, usr1, {}) == 42  # not under srun
