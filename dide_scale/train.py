@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -160,9 +161,12 @@ def step_exit_code(code: int, signum: int | None, environ: dict | None = None) -
 
 
 def cli(prog: str = "dide-pretrain") -> int:
-    """The console entry point: :func:`main`, with the exit code shaped for srun."""
+    """The console entry point: :func:`main`, with the exit code shaped for srun.  The launch
+    is read from the environment as it was at start: the trainer exports RANK, WORLD_SIZE
+    and the rest for torch.distributed, after which any process looks torchrun-launched."""
     stop = StopSignal()
-    return step_exit_code(main(None, prog, stop), stop.received)
+    at_start = dict(os.environ)
+    return step_exit_code(main(None, prog, stop), stop.received, at_start)
 
 
 if __name__ == "__main__":

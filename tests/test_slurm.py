@@ -173,6 +173,7 @@ def test_pretrain_sbatch_preempted_and_requeued(slurm, job_env, reference_run, d
     # 42, not 143: rank 1 exits 0 and rank 0 reports the requeue, so srun's --kill-on-bad-exit
     # does not cut rank 0 short (it did when every rank exited 42)
     assert "trainer exit code 42 (signals: USR1)" in log and "requeueing" in log and " restart 1:" in log
+    assert "task 1: Exited with exit code" not in log  # srun names every task that exits non-zero
     stopped = assert_resumed_like_reference(run_dir, reference_run["run_dir"])
     print(f"sbatch preempted at step {stopped}, requeued, finished: {time.time() - t0:.1f} s")
 
