@@ -61,7 +61,8 @@ STATIC = [
     ("Preemption of a 2-node SLURM job", "`scancel --signal=USR1 --batch` (time-limit warning) and `scontrol requeue` "
      "(SIGTERM to every process, data-loader workers included) on a real slurmctld/slurmd cluster on localhost",
      "tests/test_slurm.py::test_pretrain_sbatch_preempted_and_requeued",
-     "both ranks checkpoint at the same step, the job is requeued (Restarts=1) and finishes; steps continuous, "
+     "both ranks checkpoint at the same step; rank 0 alone exits 42 (the other exits 0, so srun's "
+     "--kill-on-bad-exit cannot cut rank 0 short), the job is requeued (Restarts=1) and finishes; steps continuous, "
      "losses equal to the uninterrupted 2-node run, final data position identical (also through dide-submit)"),
     ("Bad configuration and bad files", "unknown key, wrong type, impossible batch arithmetic, missing shards, "
      "teacher directory of the wrong kind, init directory that is not ours",
