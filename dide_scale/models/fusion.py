@@ -7,14 +7,12 @@ BertEmbeddings, so a ViLT checkpoint maps onto it name by name.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import QKTap, additive_mask, joint_outputs, resolve_layer, run_tapped
-from .hub import Exportable, labels_of
+from .hub import Exportable
 from .images import Images, Normalize
 from .output import ModelOutput
 from .student import TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
@@ -141,20 +139,6 @@ class FusionEncoder(nn.Module, Exportable):
         return list(self.head.parameters())
 
     model_type = "dide_fusion"
-
-    def export_config(self) -> dict:
-        cfg = {"model_type": self.model_type, "task": self.task, "num_classes": self.num_classes,
-               "shape": asdict(self.shape)}
-        if self.labels:  # the head's output names, in transformers' convention
-            cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
-        return cfg
-
-    @classmethod
-    def from_config(cls, cfg: dict, tap_layer: int = -1) -> "FusionEncoder":
-        """The model an exported ``config.json`` describes (weights not loaded)."""
-        model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
-        model.labels = labels_of(cfg)
-        return model
 
 
 def joint_passes(joint, images: Images, input_ids, attention_mask, images2: Images | None, capture: bool,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -54,19 +55,28 @@ encoded once and cached, so further questions about the same image cost one text
 
 class Exportable(PyTorchModelHubMixin, library_name="dide_scale", tags=["vision-language", "distillation"],
                  model_card_template=MODEL_CARD):
-    """Save/load of a project model (``DualEncoder``, ``FusionEncoder``).  Subclasses define
-    ``model_type``, ``export_config()`` and ``from_config(cfg)``; ``training_only`` names
-    state-dict prefixes that are not exported (e.g. DistillVLM's projections)."""
+    """Save/load of a project model (``DualEncoder``, ``FusionEncoder``): subclasses define
+    ``model_type`` and take ``(shape, task, num_classes, tap_layer)``, and carry ``shape``,
+    ``task``, ``num_classes`` and ``labels``; ``training_only`` names state-dict prefixes that
+    are not exported (e.g. DistillVLM's projections)."""
 
     model_type: str = ""
     training_only: tuple[str, ...] = ()
 
     def export_config(self) -> dict:
-        raise NotImplementedError
+        cfg = {"model_type": self.model_type, "task": self.task, "num_classes": self.num_classes,
+               "shape": asdict(self.shape)}
+        if self.labels:  # the head's output names, in transformers' convention
+            cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
+        return cfg
 
     @classmethod
-    def from_config(cls, cfg: dict):
-        raise NotImplementedError
+    def from_config(cls, cfg: dict, tap_layer: int = -1):
+        """The model an exported ``config.json`` describes (weights not loaded)."""
+        from .student import TowerShape  # student.py builds on this module
+        model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
+        model.labels = labels_of(cfg)
+        return model
 
     def exported_state(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
         sd = self.state_dict() if state_dict is None else state_dict

@@ -6,7 +6,7 @@ Plain ``nn.Module``s: no parallelism API is imported here.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from .attention import CrossQK, QKTap, additive_mask, resolve_layer
-from .hub import Exportable, labels_of
+from .hub import Exportable
 from .images import Images, Normalize
 from .output import ModelOutput
 
@@ -306,17 +306,3 @@ class DualEncoder(nn.Module, Exportable):
         return list(self.head.parameters())
 
     model_type = "dide_dual_encoder"
-
-    def export_config(self) -> dict:
-        cfg = {"model_type": self.model_type, "task": self.task, "num_classes": self.num_classes,
-               "shape": asdict(self.shape)}
-        if self.labels:  # the head's output names, in transformers' convention
-            cfg["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
-        return cfg
-
-    @classmethod
-    def from_config(cls, cfg: dict, tap_layer: int = -1) -> "DualEncoder":
-        """The model an exported ``config.json`` describes (weights not loaded)."""
-        model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
-        model.labels = labels_of(cfg)
-        return model
