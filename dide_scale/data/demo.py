@@ -3,9 +3,9 @@
 Everything is drawn by the project, seeded and reproducible, and written as real
 webdataset shards in the img2dataset layout, so the demo needs no download.
 
-Question types are graded in difficulty: existence and attributes
-are learned first, counting and spatial relations later.  Every answer needs the image
-*and* the text.  Accuracy is reported per type.
+Question types are graded in difficulty: existence and attributes are learned first,
+counting later.  Every answer needs the image *and* the text.  Accuracy is reported per
+type.
 """
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ SHAPES = ("square", "circle", "triangle")
 SIZES = ("small", "large")
 COUNTS = ("zero", "one", "two", "three", "four")
 ANSWERS = ("yes", "no", *COLORS, *SHAPES, *COUNTS)
-QTYPES = ("exist", "color", "shape", "count", "relation")
-QTYPE_WEIGHTS = (0.3, 0.2, 0.2, 0.15, 0.15)
+# VQA question types.  'relation' ("is the X left of the Y ?") is not asked: a fusion teacher
+# of the demo's sizes stayed at chance on it (and on "is the X in the left half ?") after
+# 3000-6000 steps, and a teacher that cannot answer a question has nothing to distil about it.
+QTYPES = ("exist", "color", "shape", "count")
+QTYPE_WEIGHTS = (0.3, 0.25, 0.25, 0.2)
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 SNLI_LABELS = ("entailment", "neutral", "contradiction")
 NEUTRAL_PROPS = ("heavy", "wooden", "new", "old")
