@@ -384,7 +384,6 @@ class Trainer:
     def finish(self, exit_code: int) -> dict:
         """After the loop.  A run that reached ``train.max_steps`` checkpoints, evaluates,
         selects and exports its final step; every run writes its summary."""
-        import torch.distributed as dist
         cfg, st = self.cfg, self.state
         summary = {"step": st.step, "samples_seen": st.samples_seen, "exit_code": exit_code}
         if exit_code == 0:
@@ -408,8 +407,7 @@ class Trainer:
         self.metrics.close()
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if dist.is_initialized():
-            dist.barrier()
+        distributed.barrier()
         return summary
 
 
