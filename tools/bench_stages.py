@@ -13,8 +13,12 @@ seed:
 
   pre_gt         a dual encoder pre-trained on ITM + ITC from ground truth
   pre_kd         the same pre-training distilled from teacher_itm (attention, soft ITM labels)
+  pre_attn       pre_kd without the soft ITM labels (attention KL + ground truth + ITC): the
+                 soft labels of a teacher that is itself imperfect on ITM slow the student's
+                 own ITM fit (BENCHMARKS.md section 1b), the attention maps carry the
+                 cross-modal alignment the method is about
 
-then four dual-encoder students, every one pre-trained for --pretrain-steps and fine-tuned
+then five dual-encoder students, every one pre-trained for --pretrain-steps and fine-tuned
 for --finetune-steps (the same total), each chained as a user would (``dide-pretrain``,
 then ``dide-finetune`` with ``student.init=export:...``):
 
@@ -22,6 +26,7 @@ then ``dide-finetune`` with ``student.init=export:...``):
   ft_kd          pre_gt, fine-tuned distilling teacher_vqa      (distillation in fine-tuning only)
   both_kd        pre_kd, fine-tuned distilling teacher_vqa      (in pre-training and fine-tuning)
   pre_kd_ft_gt   pre_kd, fine-tuned on ground truth            (in pre-training only)
+  attn_kd        pre_attn, fine-tuned distilling teacher_vqa   (attention only in pre-training)
 
 Fine-tuning distillation is the paper's: attention KL (t2i + i2t) + soft labels, ground
 truth weight 0.  Reported: held-out accuracy per question type (mean ± std over seeds), the
@@ -48,6 +53,7 @@ STUDENTS = {
     "ft_kd": ("distillation in fine-tuning only", "pre_gt", True),
     "both_kd": ("distillation in pre-training and fine-tuning", "pre_kd", True),
     "pre_kd_ft_gt": ("distillation in pre-training only", "pre_kd", False),
+    "attn_kd": ("attention-only distillation in pre-training, then in fine-tuning", "pre_attn", True),
 }
 DISTIL = ["loss.attn_t2i=1.0", "loss.attn_i2t=1.0", "loss.soft_label=1.0"]
 NO_DISTIL = ["loss.attn_t2i=0", "loss.attn_i2t=0", "loss.soft_label=0"]
@@ -97,7 +103,9 @@ def run_seed(out: Path, data: Path, seed: int, teachers: tuple[Path, Path], args
     itm = [*data_overrides(data, "itm"), "loss.ground_truth=1.0", "loss.itc=1.0"]
     pre = {"pre_gt": run("pre_gt", out, [*itm, *NO_DISTIL], args.pretrain_steps, seed, c),
            "pre_kd": run("pre_kd", out, [*itm, *DISTIL, f"teacher.path={t_itm / 'export'}"], args.pretrain_steps,
-                         seed, c)}
+                         seed, c),
+           "pre_attn": run("pre_attn", out, [*itm, *DISTIL, "loss.soft_label=0", f"teacher.path={t_itm / 'export'}"],
+                           args.pretrain_steps, seed, c)}
     res = {"teacher": curve(t_vqa)}
     for key, (_, start, kd) in STUDENTS.items():
         loss = [*DISTIL, "loss.ground_truth=0.0", f"teacher.path={t_vqa / 'export'}"] if kd else \
@@ -194,7 +202,8 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     md = table(results, args)
     md += (f"\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; wall time {time.time() - t0:.0f} s.")
+           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
+           f"this invocation {time.time() - t0:.0f} s (runs whose export already existed were reused, not re-timed).")
     print(md)
     if args.md:
         Path(args.md).write_text(md + "\n")
