@@ -101,13 +101,13 @@ def run_seed(out: Path, data: Path, seed: int, teachers: tuple[Path, Path], args
     c = args.config
     t_itm, t_vqa = teachers
     itm = [*data_overrides(data, "itm"), "loss.ground_truth=1.0", "loss.itc=1.0"]
-    pre = {"pre_gt": run("pre_gt", out, [*itm, *NO_DISTIL], args.pretrain_steps, seed, c),
-           "pre_kd": run("pre_kd", out, [*itm, *DISTIL, f"teacher.path={t_itm / 'export'}"], args.pretrain_steps,
-                         seed, c),
-           "pre_attn": run("pre_attn", out, [*itm, *DISTIL, "loss.soft_label=0", f"teacher.path={t_itm / 'export'}"],
-                           args.pretrain_steps, seed, c)}
+    kd_itm = [*itm, *DISTIL, f"teacher.path={t_itm / 'export'}"]
+    pre_runs = {"pre_gt": [*itm, *NO_DISTIL], "pre_kd": kd_itm, "pre_attn": [*kd_itm, "loss.soft_label=0"]}
+    needed = {STUDENTS[k][1] for k in args.student_list}
+    pre = {name: run(name, out, ov, args.pretrain_steps, seed, c) for name, ov in pre_runs.items() if name in needed}
     res = {"teacher": curve(t_vqa)}
-    for key, (_, start, kd) in STUDENTS.items():
+    for key in args.student_list:
+        _, start, kd = STUDENTS[key]
         loss = [*DISTIL, "loss.ground_truth=0.0", f"teacher.path={t_vqa / 'export'}"] if kd else \
             [*NO_DISTIL, "loss.ground_truth=1.0"]
         d = run(key, out, [*data_overrides(data, "vqa"), *loss, f"student.init=export:{pre[start] / 'export'}"],
@@ -128,7 +128,7 @@ def table(results: list[dict], args) -> str:
     qtypes = sorted(k[4:] for k in results[0]["teacher"] if k.startswith("acc_"))
     rows = [("teacher", f"fusion teacher (ITM {args.teacher_itm_steps} + VQA {args.teacher_vqa_steps} steps, "
                          "seed 0, shared)")] + \
-        [(k, v[0]) for k, v in STUDENTS.items()]
+        [(k, STUDENTS[k][0]) for k in args.student_list]
     lines = [f"Held-out accuracy, % (mean ± std over {len(results)} seed(s)); students: {args.pretrain_steps} "
              f"pre-training + {args.finetune_steps} fine-tuning steps each", "",
              "| model | all | " + " | ".join(qtypes) + " | teacher gap closed |",
@@ -148,14 +148,14 @@ def table(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, students: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.axhline(100 * final(results[0], "teacher"), color="k", ls="--", lw=1, label="fusion teacher (final)")
-    for key, label in [(k, v[0]) for k, v in STUDENTS.items()]:
+    for key, label in [(k, STUDENTS[k][0]) for k in students]:
         steps = [s for s, _ in results[0][key]["accuracy"]]
         vals = np.array([[v for _, v in r[key]["accuracy"]] for r in results]) * 100
         mean = vals.mean(0)
@@ -183,10 +183,17 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-vqa-steps", type=int, default=3000)
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--finetune-steps", type=int, default=1200)
+    ap.add_argument("--students", default=",".join(STUDENTS),
+                    help=f"comma-separated subset of {','.join(STUDENTS)} (default: all; 'none' is always run: "
+                         "the gap is measured from it)")
     ap.add_argument("--md", default=None, help="also write the table here")
     ap.add_argument("--plot", default=None, help="write the learning-curve plot (PNG) here")
     args = ap.parse_args(argv)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.student_list = ["none"] + [k for k in STUDENTS if k != "none" and k in args.students.split(",")]
+    unknown = set(args.students.split(",")) - set(STUDENTS)
+    if unknown:
+        ap.error(f"unknown student(s) {sorted(unknown)}; choose from {list(STUDENTS)}")
     import torch
 
     from dide_scale.demo import make_data
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
     if args.md:
         Path(args.md).write_text(md + "\n")
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, args.student_list)
     return 0
 
 
