@@ -33,7 +33,11 @@ truth weight 0.  Reported: held-out accuracy per question type (mean ± std over
 fraction of the teacher's gap over ``none`` each student closes, and a plot of held-out
 accuracy against fine-tuning step (seed spread shaded).
 
-    python tools/bench_stages.py --out runs/stages --seeds 0,1,2 --md docs/bench_stages.md --plot docs/stages.png
+    OMP_NUM_THREADS=1 python tools/bench_stages.py --out runs/stages_long --seeds 0,1,2 \
+        --students none,ft_kd,both_kd --md docs/bench_stages_long.md --plot docs/stages_long.png
+
+(seeds can also run side by side, one process per ``--seeds N`` on the same ``--out``; a
+last invocation with every seed only reads the runs back and draws the table and plot).
 """
 from __future__ import annotations
 
@@ -181,7 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val-samples", type=int, default=2_000)
     ap.add_argument("--teacher-itm-steps", type=int, default=1500)
     ap.add_argument("--teacher-vqa-steps", type=int, default=3000)
-    ap.add_argument("--pretrain-steps", type=int, default=1000)
+    ap.add_argument("--pretrain-steps", type=int, default=2400,
+                    help="per student (default 2400: twice the fine-tuning, the regime where two-stage "
+                         "distillation led on every seed; BENCHMARKS.md section 1b)")
     ap.add_argument("--finetune-steps", type=int, default=1200)
     ap.add_argument("--students", default=",".join(STUDENTS),
                     help=f"comma-separated subset of {','.join(STUDENTS)} (default: all; 'none' is always run: "
