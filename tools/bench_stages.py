@@ -132,7 +132,7 @@ def table(results: list[dict], args) -> str:
     qtypes = sorted(k[4:] for k in results[0]["teacher"] if k.startswith("acc_"))
     rows = [("teacher", f"fusion teacher (ITM {args.teacher_itm_steps} + VQA {args.teacher_vqa_steps} steps, "
                          "seed 0, shared)")] + \
-        [(k, STUDENTS[k][0]) for k in args.student_list]
+        [(k, STUDENTS[k][0]) for k in students_in(results)]
     lines = [f"Held-out accuracy, % (mean ± std over {len(results)} seed(s)); students: {args.pretrain_steps} "
              f"pre-training + {args.finetune_steps} fine-tuning steps each", "",
              "| model | all | " + " | ".join(qtypes) + " | teacher gap closed |",
@@ -152,14 +152,19 @@ def table(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str, students: list[str]) -> None:
+def students_in(results: list[dict]) -> list[str]:
+    """The students a run measured, in STUDENTS order."""
+    return [k for k in STUDENTS if k in results[0]]
+
+
+def plot(results: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.axhline(100 * final(results[0], "teacher"), color="k", ls="--", lw=1, label="fusion teacher (final)")
-    for key, label in [(k, STUDENTS[k][0]) for k in students]:
+    for key, label in [(k, STUDENTS[k][0]) for k in students_in(results)]:
         steps = [s for s, _ in results[0][key]["accuracy"]]
         vals = np.array([[v for _, v in r[key]["accuracy"]] for r in results]) * 100
         mean = vals.mean(0)
@@ -196,10 +201,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="write the learning-curve plot (PNG) here")
     args = ap.parse_args(argv)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
-    args.student_list = ["none"] + [k for k in STUDENTS if k != "none" and k in args.students.split(",")]
-    unknown = set(args.students.split(",")) - set(STUDENTS)
-    if unknown:
-        ap.error(f"unknown student(s) {sorted(unknown)}; choose from {list(STUDENTS)}")
+    chosen = {"none", *args.students.split(",")}
+    if chosen - set(STUDENTS):
+        ap.error(f"unknown student(s) {sorted(chosen - set(STUDENTS))}; choose from {list(STUDENTS)}")
+    args.student_list = [k for k in STUDENTS if k in chosen]
     import torch
 
     from dide_scale.demo import make_data
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
     if args.md:
         Path(args.md).write_text(md + "\n")
     if args.plot:
-        plot(results, args.plot, args.student_list)
+        plot(results, args.plot)
     return 0
 
 
