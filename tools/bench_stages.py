@@ -71,13 +71,14 @@ def data_overrides(data: Path, task: str) -> list[str]:
     return out
 
 
-def run(name: str, out: Path, overrides: list[str], steps: int, seed: int, config: str) -> Path:
-    """One training run (skipped when its export exists: an interrupted benchmark resumes)."""
+def run(name: str, out: Path, overrides: list[str], steps: int, seed: int, args) -> Path:
+    """One training run on ``args.config``, the user's overrides last (skipped when its export
+    exists: an interrupted benchmark resumes)."""
     from dide_scale.demo import train_one
     d = out / name
     if not (d / "export" / "config.json").exists():
-        summary = train_one(name, [*overrides, f"train.output_dir={d}", f"train.max_steps={steps}",
-                                   f"train.seed={seed}", f"train.eval_every={max(steps // 8, 1)}"], config)
+        summary = train_one(name, [*overrides, *args.overrides, f"train.output_dir={d}", f"train.max_steps={steps}",
+                                   f"train.seed={seed}", f"train.eval_every={max(steps // 8, 1)}"], args.config)
         if summary["exit_code"]:
             raise RuntimeError(f"{name} did not finish (exit code {summary['exit_code']})")
     return d
@@ -93,29 +94,27 @@ def curve(run_dir: Path) -> dict:
 
 
 def run_teachers(out: Path, data: Path, args) -> tuple[Path, Path]:
-    c = args.config
     fusion = ["student.kind=fusion", "loss.ground_truth=1.0", *NO_DISTIL]
-    t_itm = run("teacher_itm", out, [*data_overrides(data, "itm"), *fusion], args.teacher_itm_steps, 0, c)
+    t_itm = run("teacher_itm", out, [*data_overrides(data, "itm"), *fusion], args.teacher_itm_steps, 0, args)
     t_vqa = run("teacher_vqa", out, [*data_overrides(data, "vqa"), *fusion,
-                                     f"student.init=export:{t_itm / 'export'}"], args.teacher_vqa_steps, 0, c)
+                                     f"student.init=export:{t_itm / 'export'}"], args.teacher_vqa_steps, 0, args)
     return t_itm, t_vqa
 
 
 def run_seed(out: Path, data: Path, seed: int, teachers: tuple[Path, Path], args) -> dict:
-    c = args.config
     t_itm, t_vqa = teachers
     itm = [*data_overrides(data, "itm"), "loss.ground_truth=1.0", "loss.itc=1.0"]
     kd_itm = [*itm, *DISTIL, f"teacher.path={t_itm / 'export'}"]
     pre_runs = {"pre_gt": [*itm, *NO_DISTIL], "pre_kd": kd_itm, "pre_attn": [*kd_itm, "loss.soft_label=0"]}
     needed = {STUDENTS[k][1] for k in args.student_list}
-    pre = {name: run(name, out, ov, args.pretrain_steps, seed, c) for name, ov in pre_runs.items() if name in needed}
+    pre = {name: run(name, out, ov, args.pretrain_steps, seed, args) for name, ov in pre_runs.items() if name in needed}
     res = {"teacher": curve(t_vqa)}
     for key in args.student_list:
         _, start, kd = STUDENTS[key]
         loss = [*DISTIL, "loss.ground_truth=0.0", f"teacher.path={t_vqa / 'export'}"] if kd else \
             [*NO_DISTIL, "loss.ground_truth=1.0"]
         d = run(key, out, [*data_overrides(data, "vqa"), *loss, f"student.init=export:{pre[start] / 'export'}"],
-                args.finetune_steps, seed, c)
+                args.finetune_steps, seed, args)
         res[key] = curve(d)
     return res
 
@@ -199,6 +198,9 @@ def main(argv=None) -> int:
                          "the gap is measured from it)")
     ap.add_argument("--md", default=None, help="also write the table here")
     ap.add_argument("--plot", default=None, help="write the learning-curve plot (PNG) here")
+    ap.add_argument("--teachers-only", action="store_true",
+                    help="train (or read back) the two teachers, print their held-out accuracy and stop")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. optim.lr=3e-3)")
     args = ap.parse_args(argv)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     chosen = {"none", *args.students.split(",")}
@@ -214,6 +216,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     make_data(out / "data", args.train_samples, args.val_samples)
     teachers = run_teachers(out / "teachers", out / "data", args)
+    if args.teachers_only:
+        acc = curve(teachers[1])
+        print(f"teacher_vqa held-out accuracy: {100 * acc['accuracy'][-1][1]:.2f}% (" + ", ".join(
+            f"{k[4:]} {100 * v[-1][1]:.1f}" for k, v in sorted(acc.items()) if k.startswith("acc_")) + ")")
+        return 0
     results = []
     for seed in args.seed_list:
         results.append(run_seed(out / f"seed{seed}", out / "data", seed, teachers, args))
