@@ -163,6 +163,35 @@ def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=t
     return {**res, "n_texts": t.shape[0], "n_images": im.shape[0], "scorer": scorer}
 
 
+@torch.no_grad()
+def itm_pair_accuracy(model, loader, device="cpu") -> dict:
+    """Image-text matching accuracy on held-out pairs, for a fusion model or a dual encoder with
+    an ITM head: each (caption, image) pair of the split is a positive, and the caption with the
+    next sample's image in its batch (wrapping round) a negative.  Returns {'accuracy', 'n',
+    'per_type': {'match', 'mismatch'}}; a fixed, cheap measure (retrieval recall would need a
+    joint pass per image-text pair of a fusion model)."""
+    from .inference import DualEncoderInference
+    model = model.eval().to(device)
+    dual = hasattr(model, "encode_image")
+    inf = DualEncoderInference(model, device) if dual else None
+    hits = {"match": [0, 0], "mismatch": [0, 0]}
+    for batch in loader:
+        b = batch_to_device(batch, torch.device(device), torch.float32)
+        images, ids, mask = b["images"], b["input_ids"], b["attention_mask"]
+        shifted = images[torch.roll(torch.arange(len(images)), -1)]
+        for kind, imgs in (("match", images), ("mismatch", shifted)):
+            if dual:
+                logits = inf.predict(inf.encode_texts(ids, mask), inf.encode_images(imgs))
+            else:
+                logits = model(imgs, ids, mask).logits
+            pred = logits.float().argmax(-1)
+            hits[kind][0] += int((pred == (kind == "match")).sum())
+            hits[kind][1] += len(pred)
+    n = sum(c for _, c in hits.values())
+    return {"accuracy": sum(h for h, _ in hits.values()) / max(1, n), "n": n,
+            "per_type": {k: h / max(1, c) for k, (h, c) in hits.items()}}
+
+
 def write_vqa_submission(predictions: list[dict], path: str) -> None:
     """The official VQA server format: a JSON list of {"question_id": int, "answer": str}."""
     rows = []

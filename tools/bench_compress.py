@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Compression into a small fusion student (DistillVLM) on the demo task, several seeds.
 
-For each seed: the demo's fusion teacher (trained here, or reused with --teachers-from),
-then three small fusion students trained for the same steps on the same data:
+The demo's VQA fusion teacher (the one shipped in the package, or --teacher DIR), then per
+seed three small fusion students trained for the same steps on the same data:
 
   no_distill     ground truth only
   attn_mse       ground truth + layer-to-layer attention MSE
@@ -12,7 +12,7 @@ Every run goes through ``dide_scale.train.run`` (DeepSpeed engine, webdataset re
 Reported: held-out accuracy per question type (mean ± std over seeds), parameters, and
 inference throughput of teacher and student measured side by side in one process.
 
-    python tools/bench_compress.py --seeds 0,1,2 --teachers-from runs/demo
+    python tools/bench_compress.py --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dide_scale.demo import _last, _overrides, make_data, train_one
+from dide_scale.demo import evaluate_export, make_data, shard_overrides, shipped_teachers, train_run
 from dide_scale.inference import throughput
 
 VARIANTS = {
@@ -41,32 +41,6 @@ def student_overrides(args) -> list[str]:
             f"image_size: [32, 32], max_text_len: 16, vocab_size: 128}}")
     return ["student.kind=fusion", f"student.arch={arch}", f"loss.nce_queue_size={args.queue}",
             f"loss.nce_temperature={args.nce_temperature}"]
-
-
-def teacher_dir(args, out: Path, data: Path, seed: int) -> Path:
-    if args.teachers_from:
-        d = Path(args.teachers_from) / f"seed{seed}" / "teacher" / "export"
-        if (d / "config.json").exists():
-            return d
-    run = out / f"seed{seed}" / "teacher"
-    if not (run / "export" / "config.json").exists():
-        s = train_one("fusion teacher", _overrides(data, run, args.teacher_steps, seed, []) + ["student.kind=fusion"],
-                      "demo")
-        if s["exit_code"]:
-            raise RuntimeError("teacher training did not finish")
-    return run / "export"
-
-
-def evaluate_export(path: Path, data: Path) -> dict:
-    from dide_scale.config import load_config
-    from dide_scale.data.pipeline import build_loader
-    from dide_scale.evaluate import evaluate
-    from dide_scale.models.saved import load_pretrained
-    cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/{{00000..{_last(data / 'vqa' / 'val')}}}.tar",
-                               "data.num_workers=0"])
-    res = evaluate(load_pretrained(path).eval(), build_loader(cfg, "val", batch_size=256), "vqa", "cpu")
-    res.pop("predictions", None)
-    return res
 
 
 def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) -> dict:
@@ -117,8 +91,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", default="runs/compress")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--teachers-from", default="", help="a dide-demo run dir whose seedN/teacher/export to reuse")
-    ap.add_argument("--teacher-steps", type=int, default=2400)
+    ap.add_argument("--teacher", default="", help="an exported VQA fusion teacher (default: the shipped demo teacher)")
     ap.add_argument("--student-steps", type=int, default=1200)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--depth", type=int, default=2)
@@ -130,20 +103,20 @@ def main(argv=None) -> int:
     from dide_scale.metrics import setup_logging
     setup_logging(0)
     out = Path(args.out)
-    data = Path(args.teachers_from) / "data" if args.teachers_from else out / "data"
+    data = out / "data"
     make_data(data, 20_000, 2_000)
+    tdir = Path(args.teacher) if args.teacher else shipped_teachers()[1]
+    teacher = evaluate_export(tdir, data)
     t0 = time.time()
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        tdir = teacher_dir(args, out, data, seed)
-        res = {"seed": seed, "teacher": evaluate_export(tdir, data)}
+        res = {"seed": seed, "teacher": teacher}
         for key in args.variants.split(","):
-            run = out / f"seed{seed}" / key
             extra = student_overrides(args) + VARIANTS[key][1]
             if VARIANTS[key][1]:
                 extra.append(f"teacher.path={tdir}")
-            s = train_one(key, _overrides(data, run, args.student_steps, seed, extra), "demo")
-            res[key] = s["eval"] | {"train_seconds": s["train_seconds"]}
+            run = train_run(key, out / f"seed{seed}" / key, [*shard_overrides(data), *extra], args.student_steps, seed)
+            res[key] = json.loads((run / "summary.json").read_text())["eval"]
         first = args.variants.split(",")[0]  # every variant has the same architecture
         res["throughput"] = measure(tdir, out / f"seed{seed}" / first / "export", data)
         res["teacher_shape"] = json.loads((tdir / "config.json").read_text())["shape"]

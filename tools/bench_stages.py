@@ -50,7 +50,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dide_scale.demo import (
+    DISTIL,
+    NO_DISTIL,
+    PAPER_FINETUNE,
+    curve,
+    make_data,
+    shard_overrides,
+    train_run,
+    train_teachers,
+)
 
 STUDENTS = {
     "none": ("no distillation", "pre_gt", False),
@@ -59,61 +68,26 @@ STUDENTS = {
     "pre_kd_ft_gt": ("distillation in pre-training only", "pre_kd", False),
     "attn_kd": ("attention-only distillation in pre-training, then in fine-tuning", "pre_attn", True),
 }
-DISTIL = ["loss.attn_t2i=1.0", "loss.attn_i2t=1.0", "loss.soft_label=1.0"]
-NO_DISTIL = ["loss.attn_t2i=0", "loss.attn_i2t=0", "loss.soft_label=0"]
-
-
-def data_overrides(data: Path, task: str) -> list[str]:
-    from dide_scale.demo import _last
-    train, val = data / "vqa" / "train", data / "vqa" / "val"
-    out = [f"data.train_shards={train}/{{00000..{_last(train)}}}.tar", f"train.task={task}"]
-    out.append(f"data.val_shards={val}/{{00000..{_last(val)}}}.tar" if task == "vqa" else "data.val_shards=")
-    return out
 
 
 def run(name: str, out: Path, overrides: list[str], steps: int, seed: int, args) -> Path:
     """One training run on ``args.config``, the user's overrides last (skipped when its export
     exists: an interrupted benchmark resumes)."""
-    from dide_scale.demo import train_one
-    d = out / name
-    if not (d / "export" / "config.json").exists():
-        summary = train_one(name, [*overrides, *args.overrides, f"train.output_dir={d}", f"train.max_steps={steps}",
-                                   f"train.seed={seed}", f"train.eval_every={max(steps // 8, 1)}"], args.config)
-        if summary["exit_code"]:
-            raise RuntimeError(f"{name} did not finish (exit code {summary['exit_code']})")
-    return d
-
-
-def curve(run_dir: Path) -> dict:
-    """Held-out accuracy per evaluation step (overall and per type), from TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(run_dir / "tb"))
-    ea.Reload()
-    tags = [t for t in ea.Tags()["scalars"] if t == "eval/accuracy" or t.startswith("eval/acc_")]
-    return {t.split("/", 1)[1]: [(e.step, e.value) for e in ea.Scalars(t)] for t in tags}
-
-
-def run_teachers(out: Path, data: Path, args) -> tuple[Path, Path]:
-    fusion = ["student.kind=fusion", "loss.ground_truth=1.0", *NO_DISTIL]
-    t_itm = run("teacher_itm", out, [*data_overrides(data, "itm"), *fusion], args.teacher_itm_steps, 0, args)
-    t_vqa = run("teacher_vqa", out, [*data_overrides(data, "vqa"), *fusion,
-                                     f"student.init=export:{t_itm / 'export'}"], args.teacher_vqa_steps, 0, args)
-    return t_itm, t_vqa
+    return train_run(name, out / name, overrides, steps, seed, args.config, args.overrides)
 
 
 def run_seed(out: Path, data: Path, seed: int, teachers: tuple[Path, Path], args) -> dict:
     t_itm, t_vqa = teachers
-    itm = [*data_overrides(data, "itm"), "loss.ground_truth=1.0", "loss.itc=1.0"]
-    kd_itm = [*itm, *DISTIL, f"teacher.path={t_itm / 'export'}"]
+    itm = [*shard_overrides(data, "itm"), "loss.ground_truth=1.0", "loss.itc=1.0"]
+    kd_itm = [*itm, *DISTIL, f"teacher.path={t_itm}"]
     pre_runs = {"pre_gt": [*itm, *NO_DISTIL], "pre_kd": kd_itm, "pre_attn": [*kd_itm, "loss.soft_label=0"]}
     needed = {STUDENTS[k][1] for k in args.student_list}
     pre = {name: run(name, out, ov, args.pretrain_steps, seed, args) for name, ov in pre_runs.items() if name in needed}
-    res = {"teacher": curve(t_vqa)}
+    res = {"teacher": curve(t_vqa.parent)}
     for key in args.student_list:
         _, start, kd = STUDENTS[key]
-        loss = [*DISTIL, "loss.ground_truth=0.0", f"teacher.path={t_vqa / 'export'}"] if kd else \
-            [*NO_DISTIL, "loss.ground_truth=1.0"]
-        d = run(key, out, [*data_overrides(data, "vqa"), *loss, f"student.init=export:{pre[start] / 'export'}"],
+        loss = [*PAPER_FINETUNE, f"teacher.path={t_vqa}"] if kd else [*NO_DISTIL, "loss.ground_truth=1.0"]
+        d = run(key, out, [*shard_overrides(data, "vqa"), *loss, f"student.init=export:{pre[start] / 'export'}"],
                 args.finetune_steps, seed, args)
         res[key] = curve(d)
     return res
@@ -209,15 +183,15 @@ def main(argv=None) -> int:
     args.student_list = [k for k in STUDENTS if k in chosen]
     import torch
 
-    from dide_scale.demo import make_data
     from dide_scale.metrics import setup_logging
     setup_logging(0)
     out = Path(args.out)
     t0 = time.time()
     make_data(out / "data", args.train_samples, args.val_samples)
-    teachers = run_teachers(out / "teachers", out / "data", args)
+    teachers = train_teachers(out / "teachers", out / "data", args.teacher_itm_steps, args.teacher_vqa_steps,
+                              args.config, args.overrides)
     if args.teachers_only:
-        acc = curve(teachers[1])
+        acc = curve(teachers[1].parent)
         print(f"teacher_vqa held-out accuracy: {100 * acc['accuracy'][-1][1]:.2f}% (" + ", ".join(
             f"{k[4:]} {100 * v[-1][1]:.1f}" for k, v in sorted(acc.items()) if k.startswith("acc_")) + ")")
         return 0
