@@ -8,8 +8,9 @@ from torch import nn
 from .labels import student_labels
 from .models.fusion import FusionEncoder
 from .models.saved import load_pretrained, read_model_config
+from .models.sources import resolve_source
 from .models.student import DualEncoder, TowerShape
-from .models.weights import init_student
+from .models.weights import init_fusion, init_student
 
 
 def build_student(cfg) -> nn.Module:
@@ -21,15 +22,7 @@ def build_student(cfg) -> nn.Module:
         if cfg.loss.token_nce > 0:
             n_pairs = len(cfg.loss.layer_map) or shape.depth
             model.add_distill_projections(n_pairs, teacher_width(cfg))
-        if cfg.student.init.startswith("export:"):
-            src = load_pretrained(cfg.student.init[7:], task=cfg.train.task, num_classes=cfg.num_classes())
-            missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-            missing = [k for k in missing if not k.startswith(model.training_only)]
-            if missing or unexpected:
-                raise ValueError(f"student.init={cfg.student.init!r}: weights do not match student.arch: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        elif cfg.student.init != "random":
-            raise ValueError(f"student.init={cfg.student.init!r}: a fusion student takes random or export:DIR")
+        init_fusion(model, cfg.student.init)
         if cfg.student.grad_checkpointing:
             model.set_grad_checkpointing(True)
         return model
@@ -41,34 +34,48 @@ def build_student(cfg) -> nn.Module:
     return student
 
 
+def teacher_source(cfg) -> str:
+    """teacher.path on this machine (a Hub id resolved to its local snapshot)."""
+    return resolve_source(cfg.teacher.path, "teacher.path")
+
+
 def build_teacher(cfg) -> nn.Module | None:
     """The frozen teacher (eval, no grad), or None when no distillation loss is on."""
     if not cfg.loss.distills():
         return None
-    t = cfg.teacher
+    t, path = cfg.teacher, teacher_source(cfg)
     if t.kind == "hf_vilt":
         import transformers
 
         from .models.hf_vilt import HFViltTeacher
         transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on the console
-        teacher = HFViltTeacher.from_pretrained(t.path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
+        teacher = HFViltTeacher.from_pretrained(path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
+    elif t.kind == "vilt_ckpt":
+        from .labels import teacher_labels
+        from .models.vilt_native import ViltCheckpoint, fusion_model
+        teacher = fusion_model(ViltCheckpoint.read(path), cfg.train.task, t.itm_head, t.arch.heads,
+                               cfg.loss.teacher_layer, teacher_labels(cfg))
     else:
-        read = read_model_config(t.path, ("dide_fusion",))  # before loading: the clearer error first
+        read = read_model_config(path, ("dide_fusion",))  # before loading: the clearer error first
         if read["task"] != cfg.train.task:
             raise ValueError(f"teacher.path={t.path}: the teacher was trained for task {read['task']!r} "
                              f"but train.task={cfg.train.task!r}")
-        teacher = load_pretrained(t.path, tap_layer=cfg.loss.teacher_layer)
+        teacher = load_pretrained(path, tap_layer=cfg.loss.teacher_layer)
     check_pairing(teacher, cfg)
     teacher.eval().requires_grad_(False)
     return teacher
 
 
 def teacher_width(cfg) -> int:
-    """Hidden size of the configured teacher, read from its config.json (token NCE projects
-    the student's states to it)."""
+    """Hidden size of the configured teacher, read from its files (token NCE projects the
+    student's states to it)."""
+    path = teacher_source(cfg)
     if cfg.teacher.kind == "hf_vilt":
-        return int(read_model_config(cfg.teacher.path, ("vilt",))["hidden_size"])
-    return int(read_model_config(cfg.teacher.path, ("dide_fusion",))["shape"]["width"])
+        return int(read_model_config(path, ("vilt",))["hidden_size"])
+    if cfg.teacher.kind == "vilt_ckpt":
+        from .models.vilt_native import ViltCheckpoint
+        return int(ViltCheckpoint.read(path).state["transformer.cls_token"].shape[-1])
+    return int(read_model_config(path, ("dide_fusion",))["shape"]["width"])
 
 
 def check_pairing(teacher: nn.Module, cfg) -> None:
@@ -94,4 +101,8 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
         except ValueError as e:
             raise ValueError(f"loss.layer_map does not fit the teacher ({teacher.depth} blocks) and the student "
                              f"({s.depth} blocks): {e}") from None
+    t_text = getattr(teacher, "max_text_len", None) or teacher.shape.max_text_len
+    if s.max_text_len > t_text:
+        raise ValueError(f"student.arch.max_text_len={s.max_text_len} but the teacher has {t_text} text positions: "
+                         f"set student.arch.max_text_len={t_text} (the teacher must see every token the student sees)")
     # widths may differ: attention maps are compared, and token NCE projects to the teacher's width

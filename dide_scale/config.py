@@ -86,9 +86,12 @@ class StudentConfig:
     demo's teacher, or a small fusion student)."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     init: str = "random"
-    """'random'; 'vilt:DIR' (both towers from a transformers ViLT checkpoint, as the paper);
+    """'random'; 'vilt:PATH' (both towers from a ViLT, as the paper: a transformers ViLT directory or
+    dandelin/ViLT's own .ckpt file; a fusion student takes its embeddings, blocks and pooler);
     'fusion:DIR' (both towers from an exported project fusion teacher); 'timm_bert:DIR'
-    (DIR/vit holds a timm ViT, DIR/bert a transformers BERT); 'export:DIR' (an exported student)."""
+    (DIR/vit holds a timm ViT, DIR/bert a transformers BERT); 'export:DIR' (an exported student or
+    fusion model). A path that does not exist locally may be a Hugging Face Hub id
+    (vilt:dandelin/vilt-b32-mlm), read from the local Hub cache or downloaded once."""
     grad_checkpointing: bool = False
     """Activation checkpointing of the tower blocks."""
 
@@ -100,13 +103,24 @@ class StudentConfig:
 class TeacherConfig:
     """The frozen fusion-encoder teacher."""
 
-    kind: Literal["fusion", "hf_vilt"] = "fusion"
-    """'fusion' (the project's own ViLT-style model) or 'hf_vilt' (a transformers ViLT directory)."""
+    kind: Literal["fusion", "hf_vilt", "vilt_ckpt"] = "fusion"
+    """'fusion' (the project's own ViLT-style model, an exported folder), 'hf_vilt' (a transformers
+    ViLT directory) or 'vilt_ckpt' (a checkpoint file of dandelin/ViLT's own release, e.g.
+    vilt_200k_mlm_itm.ckpt: the only form with ViLT's pre-trained ITM head)."""
     path: str = ""
-    """Directory of the teacher's weights: an exported fusion model or a transformers ViLT
-    checkpoint. Empty only when no distillation loss is used."""
+    """The teacher's weights, of teacher.kind: an exported fusion folder, a transformers ViLT
+    directory or a ViLT .ckpt file; a folder that does not exist locally may be a Hugging Face Hub
+    id (dandelin/vilt-b32-finetuned-vqa). Empty only when no distillation loss is used."""
     arch: ArchConfig = field(default_factory=ArchConfig)
-    """Shape of a 'fusion' teacher (ignored for 'hf_vilt', whose config.json decides)."""
+    """Shape of a 'fusion' teacher (ignored for 'hf_vilt' and 'vilt_ckpt', whose files decide; a
+    'vilt_ckpt' whose hyper_parameters do not name num_heads takes teacher.arch.heads)."""
+    itm_head: Literal["auto", "itm", "rank"] = "auto"
+    """ITM head of a 'vilt_ckpt' teacher: 'itm' (itm_score, ViLT's pre-training head: 2-way,
+    per-pair soft labels), 'rank' (rank_output of a retrieval checkpoint: one score per pair, soft
+    labels over each anchor's candidates), 'auto' (rank_output when the file has one)."""
+    label_file: str = ""
+    """A JSON file naming the teacher's outputs in its order, for a teacher whose files name none
+    (a 'vilt_ckpt' VQA teacher): ViLT's own vqa_dict.json ({"0": "net", ...}) or a list of names."""
     zero_stage: Literal[0, 3] | None = None
     """0: a full copy of the frozen teacher on every rank (in the student's dtype); 3: its
     parameters partitioned over the ranks with a ZeRO-3 inference engine (about 1/N each,
@@ -125,6 +139,8 @@ class TeacherConfig:
     def check(self) -> None:
         if self.kind == "fusion":
             self.arch.check("teacher.arch")
+        if self.label_names and self.label_file:
+            raise ConfigError("teacher.label_names and teacher.label_file both name the teacher's outputs: set one")
 
 
 @dataclass
@@ -222,7 +238,8 @@ class DataConfig:
     """No batch for this long ends the run with an error naming the shards the workers are
     reading (0 disables; needs data.num_workers > 0)."""
     tokenizer: str = "bert-base-uncased"
-    """A transformers tokenizer directory or hub id; 'builtin:demo' for the demo vocabulary."""
+    """A transformers tokenizer directory, or a Hugging Face Hub id (its tokenizer files only are
+    fetched, once); 'builtin:demo' for the demo vocabulary."""
     max_image_pixels: int = 40_000_000
     """Images larger than this (read from the header, before decode) are skipped."""
     image_resize: Literal["vilt", "stretch"] = "vilt"

@@ -114,7 +114,8 @@ def read_geometry(model_dir: str | Path):
 def card_from_run(cfg, best: dict | None, step: int | None) -> dict:
     teacher = ""
     if cfg.loss.distills() and cfg.teacher.path:
-        kind = 'transformers ViLT' if cfg.teacher.kind == 'hf_vilt' else 'dide_scale fusion'
+        kind = {"hf_vilt": "transformers ViLT", "vilt_ckpt": "ViLT checkpoint"}.get(cfg.teacher.kind,
+                                                                                   "dide_scale fusion")
         teacher = f"{cfg.teacher.path} ({kind})"
     if best:
         metric = "mean R@1 (retrieval)" if cfg.train.task == "itm" else "accuracy"

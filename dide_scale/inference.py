@@ -146,13 +146,12 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype: torch.dtype = torch.float32, **kw) -> "Predictor":
         """A local folder written by ``dide_scale.export``, or a Hub repository id."""
-        import os
-
         from transformers import AutoTokenizer
 
         from .export import read_geometry
         from .models.saved import load_pretrained
-        root = path if os.path.isdir(path) else _snapshot(path)
+        from .models.sources import resolve_source
+        root = resolve_source(path, "model")
         return cls(load_pretrained(root), AutoTokenizer.from_pretrained(root), read_geometry(root), device, dtype,
                    **kw)
 
@@ -243,8 +242,3 @@ class Predictor:
         N + M tower passes and N x M small MLPs)."""
         ids, mask = self.texts(texts)
         return self.inf.pair_scores(self.inf.encode_texts(ids, mask), self.embed_images(images))
-
-
-def _snapshot(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(repo_id)

@@ -47,14 +47,41 @@ def names_from_id2label(id2label: dict | None) -> list[str] | None:
     return None if all(_GENERIC.match(n) for n in names) else names
 
 
+def read_label_file(path: str, key: str) -> list[str]:
+    """Output names in order from a JSON file: a list, or an id -> name object such as ViLT's
+    ``vqa_dict.json`` ({"0": "net", "1": "pitcher", ...})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key}={path}: cannot read a JSON list of names or an id -> name object ({e})") from None
+    if isinstance(data, dict):
+        try:
+            names = names_from_id2label(data)
+        except ValueError as e:
+            raise ValueError(f"{key}={path}: {e}") from None
+        if names:
+            return names
+    if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+        return data
+    raise ValueError(f"{key}={path}: expected a JSON list of names or an id -> name object like "
+                     '{"0": "net", "1": "pitcher"}')
+
+
 def teacher_labels(cfg) -> list[str] | None:
-    """The teacher's output names in its own order, from ``teacher.label_names`` or its
-    config.json (``id2label``); None for ITM or when the checkpoint names none."""
+    """The teacher's output names in its own order, from ``teacher.label_names``,
+    ``teacher.label_file``, its config.json (``id2label``) or, for a ViLT checkpoint's NLVR2
+    head, ViLT's own (False, True); None for ITM or when nothing names them."""
+    from .models.sources import resolve_source
     if cfg.train.task == "itm":
         return None
     if cfg.teacher.label_names:
         return list(cfg.teacher.label_names)
-    raw = json.loads((Path(cfg.teacher.path) / "config.json").read_text())
+    if cfg.teacher.label_file:
+        return read_label_file(cfg.teacher.label_file, "teacher.label_file")
+    if cfg.teacher.kind == "vilt_ckpt":
+        return list(NLVR2_NAMES) if cfg.train.task == "nlvr2" else None  # ViLT's label 1 is "the sentence is true"
+    raw = json.loads((Path(resolve_source(cfg.teacher.path, "teacher.path")) / "config.json").read_text())
     return names_from_id2label(raw.get("id2label"))
 
 
@@ -98,7 +125,8 @@ def match_labels(student: list[str], teacher: list[str] | None, task: str, min_o
     if teacher is None:
         raise ValueError(f"{where} has no label names (config.json id2label is missing or LABEL_0, LABEL_1, ...), "
                          "so its outputs cannot be matched to the student's labels by name: set "
-                         f"teacher.label_names to its output names in order (the student's: {_preview(student)})")
+                         "teacher.label_file to a JSON file of its output names in order (ViLT's vqa_dict.json for "
+                         f"its VQA checkpoint) or teacher.label_names (the student's: {_preview(student)})")
     if task == "vqa":
         pos = {name: i for i, name in enumerate(teacher)}
         index = torch.tensor([pos.get(a, 0) for a in student], dtype=torch.long)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import ConfigError, RunConfig, load_config
+from .models.sources import resolve_source
 from .trainer import REQUEUE_EXIT_CODE
 
 log = logging.getLogger("dide_scale")
@@ -81,35 +82,69 @@ def hold_lease(run_dir: Path, ttl_s: float, is_main: bool, control):
 def preflight(cfg: RunConfig, world_size: int = 1) -> None:
     """Everything that can be checked before a process group exists: shards (a remote
     source's first shard must answer; epoch mode needs sample counts and enough of them for
-    every stream), the teacher directory, the student's initialisation directory, the
-    tokenizer."""
+    every stream), the teacher's files, the student's initialisation files, the tokenizer (Hub
+    ids resolved to local snapshots on the way)."""
     from .data.pipeline import check_streams, expand_sources
     from .data.transforms import load_tokenizer
-    from .models.saved import read_model_config
     sources = expand_sources(cfg.data.train_shards, cfg.data.train_weights or None)
     check_streams(sources, cfg, world_size)
     if cfg.data.val_shards:
         check_streams(expand_sources(cfg.data.val_shards), cfg, world_size, train=False)
     if cfg.loss.distills():
-        expected = ("vilt",) if cfg.teacher.kind == "hf_vilt" else ("dide_fusion",)
-        try:
-            read_model_config(cfg.teacher.path, expected)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"teacher.path: {e}") from None
+        check_teacher_files(cfg)
         from .labels import label_map_for
         label_map_for(cfg)  # label names that cannot be matched are refused here, with the numbers
         if cfg.teacher.kind == "hf_vilt":
             from .models.hf_vilt import preprocessing_differences
-            for problem in preprocessing_differences(cfg.teacher.path, cfg.data):
+            for problem in preprocessing_differences(resolve_source(cfg.teacher.path, "teacher.path"), cfg.data):
                 log.warning("the teacher's own preprocessing differs from the data path: %s", problem)
-    kind, _, path = cfg.student.init.partition(":")
-    if kind in ("vilt", "fusion", "export"):
-        expected = {"vilt": ("vilt",), "fusion": ("dide_fusion",), "export": ("dide_dual_encoder", "dide_fusion")}
-        try:
-            read_model_config(path, expected[kind])
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"student.init: {e}") from None
+    check_init_files(cfg.student.init)
     load_tokenizer(cfg.data.tokenizer)
+
+
+def check_teacher_files(cfg) -> None:
+    """teacher.path holds what teacher.kind reads (a Hub id is fetched to its snapshot first)."""
+    from .models.saved import read_model_config
+    kind = cfg.teacher.kind
+    try:
+        path = resolve_source(cfg.teacher.path, "teacher.path")
+        if kind == "vilt_ckpt":
+            from .models.vilt_native import ViltCheckpoint, task_head
+            if Path(path).is_dir():
+                raise ValueError(f"{path} is a directory, but teacher.kind=vilt_ckpt reads a checkpoint file of "
+                                 "dandelin/ViLT's release (.ckpt); a transformers ViLT directory is "
+                                 "teacher.kind=hf_vilt")
+            task_head(ViltCheckpoint.read(path), cfg.train.task, cfg.teacher.itm_head)
+        elif Path(path).is_file():
+            raise ValueError(f"{path} is a file, but teacher.kind={kind} reads a model directory; a checkpoint of "
+                             "dandelin/ViLT's release (.ckpt) is teacher.kind=vilt_ckpt")
+        else:
+            read_model_config(path, ("vilt",) if kind == "hf_vilt" else ("dide_fusion",))
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(_keyed("teacher.path", e)) from None
+
+
+def check_init_files(spec: str) -> None:
+    """student.init names files of the kind it says (a Hub id is fetched to its snapshot first)."""
+    from .models.saved import read_model_config
+    from .models.sources import split_init
+    kind = spec.partition(":")[0]
+    if kind not in ("vilt", "fusion", "export"):
+        return
+    try:
+        _, path = split_init(spec)
+        if kind == "vilt" and Path(path).is_file():
+            from .models.vilt_native import ViltCheckpoint
+            ViltCheckpoint.read(path)
+            return
+        expected = {"vilt": ("vilt",), "fusion": ("dide_fusion",), "export": ("dide_dual_encoder", "dide_fusion")}
+        read_model_config(path, expected[kind])
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(_keyed("student.init", e)) from None
+
+
+def _keyed(key: str, e: Exception) -> str:
+    return str(e) if str(e).startswith(key) else f"{key}: {e}"
 
 
 def parse_args(argv: list[str] | None, prog: str = "dide-pretrain"):

@@ -246,7 +246,8 @@ class Trainer:
                               f"{cfg.student.arch.vocab_size}")
         student, teacher = build_student(cfg), build_teacher(cfg)
         if teacher is not None:
-            check_tokenizers(tok, cfg.teacher.path)
+            from .build import teacher_source
+            check_tokenizers(tok, teacher_source(cfg), getattr(teacher, "vocab_size", None) or teacher.shape.vocab_size)
         self.engines = eng_mod.build_engines(cfg, ds_config, student, teacher)
         self.loader = build_loader(cfg, "train", env.rank, env.world_size,
                                    status_dir=str(self.run_dir / "logs" / "data"),

@@ -144,8 +144,9 @@ def test_distill_task_picks_the_itm_form_of_its_teacher():
     assert task.itm_form == "pair"
     s, t = torch.randn(6, 2), torch.randn(6, 2)
     torch.testing.assert_close(task.soft_label_loss(s, t), losses.soft_label_kl(s, t))
-    teacher.itm_form = "rank"
+    teacher = FusionEncoder(shape, "itm", 1).eval()  # a retrieval checkpoint's one ranking score
     task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0), "itm")
+    assert task.itm_form == "rank"
     torch.testing.assert_close(task.soft_label_loss(s, t[:, :1]), losses.itm_listwise_kl(s, t[:, :1]))
 
 

@@ -12,7 +12,7 @@ after an interruption; see dide_scale/data/convert/ for the choices made):
     dide-data img2dataset CC3M_DIR                      # validate, write CC3M_DIR/sizes.json
     dide-data img2dataset CC3M_DIR --samples-per-shard N --out DIR   # re-shard
     dide-data vqa --questions Q.json --annotations A.json --images COCO_DIR --out DIR
-        [--answers answers.json | --answers-from TEACHER_DIR]
+        [--answers answers.json | --answers-from TEACHER]
     dide-data nlvr2 --data train.json --images NLVR2_IMAGES --out DIR
     dide-data snli_ve --data snli_ve_train.jsonl --images flickr30k_images --out DIR
 """
@@ -87,9 +87,15 @@ def cmd_img2dataset(args) -> int:
                           samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
 
 
-def teacher_answers(teacher_dir: str) -> list[str]:
-    """A VQA checkpoint's answers in its own output order (config.json id2label)."""
-    from ..labels import names_from_id2label
+def teacher_answers(teacher: str) -> list[str]:
+    """A VQA teacher's answers in its own output order: a model directory's config.json id2label
+    (a local folder or a Hugging Face Hub id), or a JSON file naming them (ViLT's vqa_dict.json,
+    which its own .ckpt files go with)."""
+    from ..labels import names_from_id2label, read_label_file
+    from ..models.sources import TOKENIZER_FILES, resolve_source
+    if Path(teacher).is_file():
+        return read_label_file(teacher, "--answers-from")
+    teacher_dir = resolve_source(teacher, "--answers-from", TOKENIZER_FILES)
     cfg_file = Path(teacher_dir) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--answers-from {teacher_dir}: no config.json (expected a model directory)")
@@ -177,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--annotations", help="v2_mscoco_{split}_annotations.json (omit for test)")
     q.add_argument("--images", required=True, help="COCO image folder (COCO_{split}2014_{id:012d}.jpg)")
     q.add_argument("--answers", help="answers.json to use (train's, for val); default: build from --annotations")
-    q.add_argument("--answers-from", metavar="TEACHER_DIR",
-                   help="use a VQA checkpoint's answers in its own order (its config.json id2label), so the student's "
-                        "head and the teacher's soft labels share one label space")
+    q.add_argument("--answers-from", metavar="TEACHER",
+                   help="use a VQA teacher's answers in its own order (a model folder or Hub id: its config.json "
+                        "id2label; or ViLT's vqa_dict.json), so the student's head and the teacher's soft labels "
+                        "share one label space")
     q.add_argument("--num-answers", type=int, default=3129, help="vocabulary size when building it (default 3129)")
     n = _converter(sub, "nlvr2", "NLVR2 JSON lines + image pairs -> one sample per example", cmd_nlvr2)
     n.add_argument("--data", required=True, help="train.json / dev.json / test1.json (JSON lines)")

@@ -535,8 +535,9 @@ class ResumableLoader:
 
 
 def answer_list(cfg) -> list[str]:
-    """The VQA answer vocabulary of a RunConfig (data.answer_vocab: a JSON list, or a model
-    directory's id2label; else the demo's answers), checked against data.num_answers."""
+    """The VQA answer vocabulary of a RunConfig (data.answer_vocab: a JSON list or id -> answer
+    object, or a model directory's id2label; else the demo's answers), checked against
+    data.num_answers."""
     from .demo import ANSWERS
     src = cfg.data.answer_vocab
     if src and os.path.isdir(src):
@@ -547,8 +548,8 @@ def answer_list(cfg) -> list[str]:
             raise ValueError(f"data.answer_vocab={src}: a directory without answer names (config.json id2label)")
         answers = names
     elif src:
-        with open(src) as f:
-            answers = json.load(f)
+        from ..labels import read_label_file
+        answers = read_label_file(src, "data.answer_vocab")  # a list, or an id -> answer object (vqa_dict.json)
     else:
         answers = list(ANSWERS)
     if len(answers) != cfg.data.num_answers:

@@ -88,15 +88,19 @@ class SkipSample(Exception):
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str):
-    """A transformers tokenizer: a local directory or hub id, or 'builtin:demo'."""
+    """A transformers tokenizer: a local directory, a Hub id (``models.sources``: its tokenizer
+    files, from the local Hub cache or fetched once), or 'builtin:demo'."""
     from transformers import AutoTokenizer, BertTokenizerFast
+
+    from ..models.sources import TOKENIZER_FILES, resolve_source
     if name == "builtin:demo":
         from .demo import write_vocab
         d = write_vocab(tempfile.mkdtemp(prefix="dide_demo_vocab_"))
         return BertTokenizerFast.from_pretrained(str(d))  # works for transformers 4 and 5
+    path = resolve_source(name, "data.tokenizer", TOKENIZER_FILES)
     try:
-        return AutoTokenizer.from_pretrained(name)
-    except OSError as e:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
         raise FileNotFoundError(f"data.tokenizer={name!r}: not a tokenizer directory and not reachable "
                                 f"as a hub id ({e.__class__.__name__})") from None
 
@@ -294,9 +298,13 @@ class Collate:
         return batch
 
 
-def check_tokenizers(student_tok, teacher_dir: str | None) -> None:
-    """The teacher must see the student's tokens: compare vocabularies when the teacher
-    directory ships its own tokenizer."""
+def check_tokenizers(student_tok, teacher_dir: str | None, teacher_vocab_size: int | None = None) -> None:
+    """The teacher must see the student's tokens: every token id must exist in its embedding
+    table (``teacher_vocab_size``), and the vocabularies must agree when the teacher directory
+    ships its own tokenizer."""
+    if teacher_vocab_size is not None and len(student_tok) > teacher_vocab_size:
+        raise ValueError(f"data.tokenizer has {len(student_tok)} tokens but the teacher's embedding table only "
+                         f"{teacher_vocab_size}: the teacher needs the tokenizer it was trained with")
     if not teacher_dir or not os.path.exists(os.path.join(teacher_dir, "vocab.txt")):
         return
     with open(os.path.join(teacher_dir, "vocab.txt")) as f:

@@ -46,8 +46,8 @@ class FusionEncoder(nn.Module, Exportable):
         nn.init.trunc_normal_(self.token_type.weight, std=0.02)
         self.vit = naflex_vit(shape)  # its embeds, blocks and final norm; our own joint forward
         self.pooler = pooler(h)
-        if task == "itm":
-            self.head = nn.Linear(h, 2)
+        if task == "itm":  # 2-way matching; 1: a ranking score (a retrieval checkpoint's rank_output)
+            self.head = nn.Linear(h, num_classes)
         elif task == "nlvr2":
             self.head = mlp_head(2 * h, 2 * h, 2)
         else:
@@ -77,7 +77,11 @@ class FusionEncoder(nn.Module, Exportable):
     def mlp_ratio(self) -> float:
         return self.shape.mlp_ratio
 
-    itm_form = "pair"  # a 2-way ITM head: per-pair soft labels
+    @property
+    def itm_form(self) -> str:
+        """'pair': a 2-way ITM head (per-pair soft labels); 'rank': one ranking score per pair
+        (soft labels over each anchor's candidates, ``losses.itm_listwise_kl``)."""
+        return "rank" if self.task == "itm" and self.num_classes == 1 else "pair"
 
     def add_distill_projections(self, n: int, teacher_width: int) -> None:
         """Linear maps of the student's block outputs to the teacher's width (token NCE), one

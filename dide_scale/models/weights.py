@@ -1,6 +1,7 @@
-"""Weights from elsewhere mapped onto the student: a transformers ViLT checkpoint (both
-towers from its one encoder, as the paper does), an exported project fusion model, or a timm
-ViT + a transformers BERT.  Name maps and the few exact folds (modality-type embeddings,
+"""Weights from elsewhere mapped onto the student: a ViLT (a transformers directory or
+dandelin/ViLT's own checkpoint file; both towers from its one encoder, as the paper does, or a
+fusion student's whole body), an exported project fusion model, or a timm ViT + a transformers
+BERT.  Name maps and the few exact folds (modality-type embeddings,
 position tables) live here; building models from a config is ``dide_scale.build``'s job."""
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from .fusion import FusionEncoder
 from .hub import WEIGHTS
 from .images import conv_to_linear
 from .saved import load_pretrained, read_model_config
+from .sources import split_init
 from .student import DualEncoder
 
 
@@ -111,15 +114,31 @@ def _student_from_fusion_state(fs: dict, student: DualEncoder) -> dict:
     return out
 
 
+def vilt_weights(path: str) -> dict:
+    """A ViLT's weights in the project's fusion naming: ``path`` is a transformers ViLT directory
+    or a checkpoint file of dandelin/ViLT's own layout (``models.vilt_native``)."""
+    if Path(path).is_file():
+        from .vilt_native import ViltCheckpoint, hf_names
+        ck = ViltCheckpoint.read(path)
+        return _canonical_from_vilt(hf_names(ck.state), ck.grid)
+    vcfg = read_model_config(path, ("vilt",))
+    return _canonical_from_vilt(_read_any_weights(path), _vilt_grid(vcfg))
+
+
+def three_token_types(table: torch.Tensor) -> torch.Tensor:
+    """A modality-type table with a row for NLVR2's second image: ViLT's own rule when it adds
+    the NLVR2 head (row 2 starts as a copy of the image row)."""
+    return table if table.shape[0] >= 3 else torch.cat([table[:2], table[1:2]])
+
+
 def init_student(student: DualEncoder, spec: str) -> DualEncoder:
-    """Apply ``student.init`` ('random', 'vilt:DIR', 'fusion:DIR', 'timm_bert:DIR', 'export:DIR')."""
+    """Apply ``student.init`` ('random', 'vilt:PATH', 'fusion:DIR', 'timm_bert:DIR', 'export:DIR'); a
+    path may be a Hugging Face Hub id (``models.sources``)."""
     if spec == "random":
         return student
-    kind, _, path = spec.partition(":")
+    kind, path = split_init(spec)
     if kind == "vilt":
-        vcfg = read_model_config(path, ("vilt",))
-        src = _read_any_weights(path)
-        sd = _student_from_fusion_state(_canonical_from_vilt(src, _vilt_grid(vcfg)), student)
+        sd = _student_from_fusion_state(vilt_weights(path), student)
     elif kind == "fusion":
         read_model_config(path, ("dide_fusion",))
         sd = _student_from_fusion_state(load_file(str(Path(path) / WEIGHTS)), student)
@@ -129,13 +148,8 @@ def init_student(student: DualEncoder, spec: str) -> DualEncoder:
     elif kind == "timm_bert":
         sd = _student_from_timm_bert(Path(path), student)
     else:
-        raise ValueError(f"student.init={spec!r}: expected random, vilt:DIR, fusion:DIR, timm_bert:DIR or export:DIR")
-    own = student.state_dict()
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"student.init={spec!r}: weight shapes do not fit student.arch (checkpoint vs student): "
-                         f"{wrong[:4]}")
+        raise ValueError(f"student.init={spec!r}: expected random, vilt:PATH, fusion:DIR, timm_bert:DIR or export:DIR")
+    _check_shapes(student, sd, spec)
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if unexpected:
         raise ValueError(f"student.init={spec!r}: weights not in the student: {unexpected[:5]}")
@@ -144,6 +158,42 @@ def init_student(student: DualEncoder, spec: str) -> DualEncoder:
         raise ValueError(f"student.init={spec!r}: tower weights missing: {towers[:5]} "
                          "(is the checkpoint deeper/shallower than student.arch.depth?)")
     return student
+
+
+def init_fusion(model: FusionEncoder, spec: str) -> FusionEncoder:
+    """``student.init`` of a fusion student: 'random', 'export:DIR' (an exported fusion model; a
+    new head when the task or label count differs) or 'vilt:PATH' (a ViLT: transformers directory,
+    dandelin/ViLT checkpoint file or Hub id; embeddings, blocks and pooler, the head starts fresh
+    as in ViLT's fine-tuning, the position table resampled to student.arch.image_size)."""
+    if spec == "random":
+        return model
+    kind, path = split_init(spec)
+    if kind == "export":
+        sd = load_pretrained(path, task=model.task, num_classes=model.num_classes).state_dict()
+    elif kind == "vilt":
+        sd = vilt_weights(path)
+        sd["token_type.weight"] = three_token_types(sd["token_type.weight"])
+        grid = [s // model.shape.patch_size for s in model.shape.image_size]
+        sd["vit.embeds.pos_embed"] = resample_table(sd["vit.embeds.pos_embed"], grid)
+    else:
+        raise ValueError(f"student.init={spec!r}: a fusion student takes random, export:DIR or vilt:PATH")
+    _check_shapes(model, sd, spec)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    fresh = model.training_only + (("head.",) if kind == "vilt" else ())
+    missing = [k for k in missing if not k.startswith(fresh)]
+    if missing or unexpected:
+        raise ValueError(f"student.init={spec!r}: weights do not match student.arch: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model
+
+
+def _check_shapes(model, sd: dict, spec: str) -> None:
+    own = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"student.init={spec!r}: weight shapes do not fit student.arch (checkpoint vs student): "
+                         f"{wrong[:4]}")
 
 
 def _vilt_grid(vcfg: dict) -> tuple[int, int]:
