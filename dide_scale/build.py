@@ -78,6 +78,26 @@ def teacher_width(cfg) -> int:
     return int(read_model_config(path, ("dide_fusion",))["shape"]["width"])
 
 
+def teacher_heads(cfg) -> int:
+    """Attention heads of the configured teacher, read from its files."""
+    path = teacher_source(cfg)
+    if cfg.teacher.kind == "hf_vilt":
+        return int(read_model_config(path, ("vilt",))["num_attention_heads"])
+    if cfg.teacher.kind == "vilt_ckpt":
+        from .models.vilt_native import ViltCheckpoint
+        return ViltCheckpoint.read(path).shape(cfg.teacher.arch.heads).heads
+    return int(read_model_config(path, ("dide_fusion",))["shape"]["heads"])
+
+
+def check_heads(t_heads: int, cfg) -> None:
+    """Per-head distillation needs as many teacher heads as student heads."""
+    lo = cfg.loss
+    if (lo.attn_t2i > 0 or lo.attn_i2t > 0 or lo.attn_mse > 0) and lo.head_map == "per_head" \
+            and t_heads != cfg.student.arch.heads:
+        raise ValueError(f"teacher has {t_heads} heads, student.arch.heads={cfg.student.arch.heads}: "
+                         "set loss.head_map=mean or match the head counts")
+
+
 def check_pairing(teacher: nn.Module, cfg) -> None:
     """Fail early when the teacher's tokens or attention cannot be mapped onto the student's.
 
@@ -91,10 +111,7 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
     if not isinstance(t_patch, int):
         raise ValueError(f"the teacher has non-square patches {t_patch}: the student's square patches cannot "
                          "line up with them")
-    if cfg.loss.attn_t2i > 0 or cfg.loss.attn_i2t > 0 or cfg.loss.attn_mse > 0:
-        if cfg.loss.head_map == "per_head" and t_heads != s.heads:
-            raise ValueError(f"teacher has {t_heads} heads, student.arch.heads={s.heads}: "
-                             "set loss.head_map=mean or match the head counts")
+    check_heads(t_heads, cfg)
     if cfg.loss.layerwise():
         try:
             resolve_layer_map(cfg.loss.layer_map, teacher.depth, s.depth)

@@ -112,8 +112,9 @@ class TeacherConfig:
     directory or a ViLT .ckpt file; a folder that does not exist locally may be a Hugging Face Hub
     id (dandelin/vilt-b32-finetuned-vqa). Empty only when no distillation loss is used."""
     arch: ArchConfig = field(default_factory=ArchConfig)
-    """Shape of a 'fusion' teacher (ignored for 'hf_vilt' and 'vilt_ckpt', whose files decide; a
-    'vilt_ckpt' whose hyper_parameters do not name num_heads takes teacher.arch.heads)."""
+    """Not read for loading: every teacher's shape comes from its files (an export's or a transformers
+    config.json, a ViLT checkpoint's weights), except the head count of a 'vilt_ckpt' whose
+    hyper_parameters do not name num_heads, which is teacher.arch.heads."""
     itm_head: Literal["auto", "itm", "rank"] = "auto"
     """ITM head of a 'vilt_ckpt' teacher: 'itm' (itm_score, ViLT's pre-training head: 2-way,
     per-pair soft labels), 'rank' (rank_output of a retrieval checkpoint: one score per pair, soft
@@ -418,9 +419,6 @@ class RunConfig:
         if lo.distills() and not t.path:
             raise ConfigError("loss.attn_t2i/attn_i2t/soft_label/attn_mse/token_nce are > 0 but teacher.path is empty: "
                               "set teacher.path or set those weights to 0")
-        if lo.head_map == "per_head" and t.kind == "fusion" and lo.distills() and t.arch.heads != s.arch.heads:
-            raise ConfigError(f"loss.head_map=per_head needs teacher.arch.heads ({t.arch.heads}) == "
-                              f"student.arch.heads ({s.arch.heads}); set loss.head_map=mean")
         if self.train.task == "vqa" and self.data.num_answers <= 1:
             raise ConfigError("data.num_answers must be > 1 for train.task=vqa")
 

@@ -6,7 +6,8 @@ rank 0 writes them.
 
 MFU = achieved model FLOP/s / (peak FLOP/s x devices), with model FLOPs per sample
 counted analytically (matmuls only, 2 FLOPs per multiply-add): the student's forward and
-backward (3x forward) of both towers plus the teacher's forward on every row it scores.
+backward (3x forward) of both towers (a fusion student: of its joint sequence, on every row it
+scores) plus the teacher's forward on every row it scores.
 Per transformer block over N tokens of width d, MLP ratio r:
 ``2*N*d*d*(4 + 2r)`` (QKV, output projection, MLP) + ``4*N*N*d`` (QK^T and AV).  Image
 sequences are counted at their static length (1 + the geometry's patch budget): that is
@@ -51,8 +52,12 @@ def model_flops_per_sample(cfg, teacher=None) -> dict[str, float]:
     n_txt = a.max_text_len
     images = 2 if cfg.train.task == "nlvr2" else 1
     patch = 2 * n_patches * 3 * a.patch_size ** 2 * a.width
-    fwd = images * (tower_flops(n_img, a.width, a.depth, a.mlp_ratio) + patch) + \
-        tower_flops(n_txt, a.width, a.depth, a.mlp_ratio)
+    if cfg.student.kind == "fusion":  # one joint sequence per row and image pass (ITM: 3 rows, negatives too)
+        rows = 3 if cfg.train.task == "itm" else 1
+        fwd = rows * images * (tower_flops(n_img + n_txt, a.width, a.depth, a.mlp_ratio) + patch)
+    else:
+        fwd = images * (tower_flops(n_img, a.width, a.depth, a.mlp_ratio) + patch) + \
+            tower_flops(n_txt, a.width, a.depth, a.mlp_ratio)
     student = 3 * fwd
     teacher_flops = 0.0
     if teacher is not None and cfg.loss.distills():

@@ -62,3 +62,17 @@ def labelled(model):
     from dide_scale.labels import NLVR2_NAMES, SNLI_VE_NAMES
     model.labels = {"vqa": list(ANSWERS), "snli_ve": list(SNLI_VE_NAMES), "nlvr2": list(NLVR2_NAMES)}.get(model.task)
     return model
+
+
+def put_in_hub_cache(cache, repo_id: str, src) -> Path:
+    """Files of ``src`` as the cached snapshot of Hub repository ``repo_id`` under ``cache`` (the
+    layout huggingface_hub reads offline: refs/main -> snapshots/<commit>/), so a test resolves
+    a Hub id without the network."""
+    import shutil
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    shutil.copytree(src, snap, dirs_exist_ok=True)
+    return snap

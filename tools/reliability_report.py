@@ -71,6 +71,11 @@ STATIC = [
     ("Untrusted checkpoint file", "a per-rank state file whose pickle would run `os.system`",
      "tests/test_checkpoint.py::test_checkpoint_that_runs_code_on_unpickling_is_refused",
      "refused by `weights_only` loading; the command never runs"),
+    ("Untrusted ViLT checkpoint", "a Lightning `.ckpt` of ViLT's layout whose pickle would run `os.system`, as "
+     "`teacher.path` and as `student.init`",
+     "tests/test_vilt_native.py::test_a_checkpoint_whose_pickle_names_an_unknown_global_is_refused",
+     "refused before any process group with one line naming the global (`posix.system`); the command never runs; "
+     "Lightning's and sacred's own containers are the only non-tensor classes read, as plain dicts"),
     ("Truncated newest checkpoint", "half of the largest shard file of the newest checkpoint cut off",
      "tests/test_checkpoint.py::test_truncated_newest_checkpoint_falls_back_to_previous",
      "reported (size mismatch with COMPLETE.json) and skipped; resumed from the previous one, same losses"),

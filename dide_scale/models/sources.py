@@ -45,7 +45,7 @@ def hub_id(value: str) -> tuple[str, str | None] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_cached(value: str, key: str, allow_patterns: tuple | None) -> str:
+def _resolve_cached(value: str, key: str, allow_patterns: tuple | None, shown: str) -> str:
     if Path(value).expanduser().exists():
         return str(Path(value).expanduser())
     ident = hub_id(value)
@@ -56,20 +56,22 @@ def _resolve_cached(value: str, key: str, allow_patterns: tuple | None) -> str:
     except Exception as e:  # the Hub's errors are many (not found, gated, offline, no network): one line each
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FileNotFoundError(
-            f"{key}={value!r} is no local file or directory, and the Hugging Face Hub cannot give a repository of that "
+            f"{key}={shown!r} is no local file or directory, and the Hugging Face Hub cannot give a repository of that "
             f"id ({type(e).__name__}: {reason[:160]}); check the spelling, or download it and give its local path"
         ) from None
 
 
-def resolve_source(value: str, key: str, allow_patterns: tuple[str, ...] | None = None) -> str:
+def resolve_source(value: str, key: str, allow_patterns: tuple[str, ...] | None = None,
+                   shown: str | None = None) -> str:
     """``value`` of config key ``key`` as a local path (see the module doc).  ``allow_patterns``
-    limits a Hub download to those files (a tokenizer needs no weights)."""
+    limits a Hub download to those files (a tokenizer needs no weights); ``shown`` is the key's
+    whole value for the error (``vilt:ID`` of a ``student.init``)."""
     if not value:
         return value
-    return _resolve_cached(value, key, allow_patterns)
+    return _resolve_cached(value, key, allow_patterns, shown or value)
 
 
 def split_init(spec: str) -> tuple[str, str]:
     """``student.init`` as (kind, local path): 'random' -> ('random', ''), 'vilt:ID' -> ('vilt', snapshot)."""
     kind, _, path = spec.partition(":")
-    return kind, resolve_source(path, "student.init") if path else ""
+    return kind, resolve_source(path, "student.init", shown=spec) if path else ""
