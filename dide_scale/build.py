@@ -67,26 +67,22 @@ def build_teacher(cfg) -> nn.Module | None:
 
 
 def teacher_width(cfg) -> int:
-    """Hidden size of the configured teacher, read from its files (token NCE projects the
-    student's states to it)."""
-    path = teacher_source(cfg)
-    if cfg.teacher.kind == "hf_vilt":
-        return int(read_model_config(path, ("vilt",))["hidden_size"])
-    if cfg.teacher.kind == "vilt_ckpt":
-        from .models.vilt_native import ViltCheckpoint
-        return int(ViltCheckpoint.read(path).state["transformer.cls_token"].shape[-1])
-    return int(read_model_config(path, ("dide_fusion",))["shape"]["width"])
+    """Hidden size of the configured teacher (token NCE projects the student's states to it)."""
+    return teacher_shape(cfg)[0]
 
 
-def teacher_heads(cfg) -> int:
-    """Attention heads of the configured teacher, read from its files."""
+def teacher_shape(cfg) -> tuple[int, int]:
+    """(width, attention heads) of the configured teacher, read from its files before it is built."""
     path = teacher_source(cfg)
     if cfg.teacher.kind == "hf_vilt":
-        return int(read_model_config(path, ("vilt",))["num_attention_heads"])
+        c = read_model_config(path, ("vilt",))
+        return int(c["hidden_size"]), int(c["num_attention_heads"])
     if cfg.teacher.kind == "vilt_ckpt":
         from .models.vilt_native import ViltCheckpoint
-        return ViltCheckpoint.read(path).shape(cfg.teacher.arch.heads).heads
-    return int(read_model_config(path, ("dide_fusion",))["shape"]["heads"])
+        shape = ViltCheckpoint.read(path).shape(cfg.teacher.arch.heads)
+        return shape.width, shape.heads
+    shape = read_model_config(path, ("dide_fusion",))["shape"]
+    return int(shape["width"]), int(shape["heads"])
 
 
 def check_heads(t_heads: int, cfg) -> None:

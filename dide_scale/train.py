@@ -92,8 +92,8 @@ def preflight(cfg: RunConfig, world_size: int = 1) -> None:
         check_streams(expand_sources(cfg.data.val_shards), cfg, world_size, train=False)
     if cfg.loss.distills():
         check_teacher_files(cfg)
-        from .build import check_heads, teacher_heads
-        check_heads(teacher_heads(cfg), cfg)
+        from .build import check_heads, teacher_shape
+        check_heads(teacher_shape(cfg)[1], cfg)
         from .labels import label_map_for
         label_map_for(cfg)  # label names that cannot be matched are refused here, with the numbers
         if cfg.teacher.kind == "hf_vilt":

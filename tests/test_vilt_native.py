@@ -19,13 +19,20 @@ import pytest
 import torch
 from native_vilt import importable, native_state, vilt_config, write_lightning_ckpt
 from PIL import Image
-from test_vilt_parity import LONGER, SHORTER, TASKS, TEXTS, rel_err, theirs, world  # noqa: F401 (fixture)
+from test_vilt_parity import (
+    LONGER,
+    SHORTER,
+    TASKS,
+    TEXTS,
+    logits_through_data_path,
+    rel_err,
+    theirs,
+    world,  # noqa: F401 (the fixture)
+)
 
 from dide_scale.build import build_student, build_teacher
 from dide_scale.config import load_config
-from dide_scale.data.pipeline import build_loader
 from dide_scale.models.vilt_native import UnsafeCheckpoint, ViltCheckpoint, read_checkpoint
-from dide_scale.task import batch_to_device
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,13 +79,7 @@ def overrides(world, task, ckpt, *extra) -> list[str]:  # noqa: F811
 def native_logits(world, task, ckpt, batch_size, *extra) -> torch.Tensor:  # noqa: F811
     """The native teacher's logits through the project's data path, in shard order."""
     cfg = load_config(None, overrides(world, task, ckpt, *extra))
-    teacher = build_teacher(cfg)
-    rows = []
-    with torch.no_grad():
-        for batch in build_loader(cfg, "val", batch_size=batch_size):
-            b = batch_to_device(batch, torch.device("cpu"), torch.float32)
-            rows.append(teacher(b["images"], b["input_ids"], b["attention_mask"], b.get("images2")).logits)
-    return torch.cat(rows)
+    return logits_through_data_path(cfg, build_teacher(cfg), batch_size)
 
 
 @pytest.mark.parametrize("task", ["vqa", "snli_ve", "nlvr2", "itm"])

@@ -105,7 +105,11 @@ def ours(world, task: str, batch_size: int, resize: str = "vilt") -> torch.Tenso
         "data.num_answers=6", "student.arch={width: 32, depth: 2, heads: 2, patch_size: 16, image_size: [64, 64], "
         "max_text_len: 16, vocab_size: 64}", "loss.ground_truth=1", "loss.attn_t2i=0", "loss.attn_i2t=0",
         "loss.soft_label=0"])
-    teacher = HFViltTeacher.from_pretrained(world[task], task)
+    return logits_through_data_path(cfg, HFViltTeacher.from_pretrained(world[task], task), batch_size)
+
+
+def logits_through_data_path(cfg, teacher, batch_size: int) -> torch.Tensor:
+    """``teacher``'s logits on cfg's val split read by the project's loader, in shard order."""
     rows = []
     with torch.no_grad():
         for batch in build_loader(cfg, "val", batch_size=batch_size):

@@ -1,8 +1,8 @@
 """Weights from elsewhere mapped onto the student: a ViLT (a transformers directory or
 dandelin/ViLT's own checkpoint file; both towers from its one encoder, as the paper does, or a
 fusion student's whole body), an exported project fusion model, or a timm ViT + a transformers
-BERT.  Name maps and the few exact folds (modality-type embeddings,
-position tables) live here; building models from a config is ``dide_scale.build``'s job."""
+BERT.  Name maps and the few exact folds (modality-type embeddings, position tables) live here;
+building models from a config is ``dide_scale.build``'s job."""
 from __future__ import annotations
 
 from pathlib import Path
