@@ -103,13 +103,20 @@ def lightning_stand_in():
     return importable("pytorch_lightning.utilities.parsing.AttributeDict", AttributeDict)
 
 
+class ModelCheckpoint:
+    """Lightning 1.x keys ``checkpoint['callbacks']`` by the callback's class."""
+
+
 def write_lightning_ckpt(path, state: dict[str, torch.Tensor], config: dict | None) -> None:
-    """A file shaped like ViLT's release: Lightning's top-level keys, ``hyper_parameters`` an
-    ``AttributeDict`` holding the sacred config (None: no hyper-parameters at all)."""
-    with lightning_stand_in() as AttributeDict:
+    """A file shaped like ViLT's release (pytorch_lightning 1.1.4): Lightning's top-level keys, the
+    callback states keyed by the callback class, ``hyper_parameters`` an ``AttributeDict`` holding
+    the sacred config (None: no hyper-parameters at all)."""
+    with lightning_stand_in() as AttributeDict, \
+            importable("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", ModelCheckpoint):
         ckpt = {"epoch": 9, "global_step": 200000, "pytorch-lightning_version": "1.1.4",
                 "state_dict": dict(state),
-                "callbacks": {"ModelCheckpoint": {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt",
+                                                "monitor": "val/the_metric"}},
                 "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}],
                 "lr_schedulers": [{"last_epoch": 3, "lr_lambdas": [None]}]}
         if config is not None:

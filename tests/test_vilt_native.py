@@ -160,8 +160,20 @@ def test_lightning_file_is_read_without_lightning(natives):
     ckpt = read_checkpoint(natives["vqa"])
     hp = ckpt["hyper_parameters"]
     assert type(hp) is dict and hp["config"]["num_heads"] == 2 and ckpt["global_step"] == 200000
+    # Lightning 1.x keys callback states by the callback class: read as its name, never imported
+    (state,) = ckpt["callbacks"].values()
+    assert list(ckpt["callbacks"]) == ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
+    assert state["monitor"] == "val/the_metric"
     assert "pytorch_lightning" not in sys.modules
     assert isinstance(ckpt["state_dict"]["transformer.pos_embed"], torch.Tensor)
+
+
+def test_a_truncated_checkpoint_fails_with_one_line(natives, tmp_path):
+    data = natives["vqa"].read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.ckpt: cannot be read as a checkpoint.*complete") as e:
+        ViltCheckpoint.read(tmp_path / "cut.ckpt")
+    assert "\n" not in str(e.value)
 
 
 class _SacredDict(dict):

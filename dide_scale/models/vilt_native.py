@@ -9,10 +9,12 @@ teacher of DiDE), ``mlm_score.*``, ``vqa_classifier.{0,1,3}``, ``nlvr2_classifie
 MLM+ITM checkpoint, so only these files carry the ITM head.
 
 Reading.  The files pickle more than tensors: ``hyper_parameters`` is an object of Lightning's
-own class (``AttributeDict``), sometimes holding sacred's read-only containers.  They are read
-with torch's ``weights_only`` unpickler, which rebuilds tensors and plain containers and runs
-nothing else; the known harmless containers (:data:`PLAIN_CONTAINERS`) are read as the dict or
-list they are.  Any other global is refused with its name (pytorch_lightning is never imported).
+own class (``AttributeDict``), sometimes holding sacred's read-only containers, and Lightning 1.x
+keys its callback states by the callback classes.  They are read with torch's ``weights_only``
+unpickler, which rebuilds tensors and plain containers and runs nothing else; the known harmless
+containers (:data:`PLAIN_CONTAINERS`) are read as the dict or list they are, the callback classes
+(:data:`CLASS_NAMES`) as their names.  Any other global is refused with its name
+(pytorch_lightning is never imported).
 
 Mapping.  :func:`hf_names` renames a ViLT state dict to transformers' ViLT names (the mapping of
 transformers' ``convert_vilt_original_to_pytorch.py``, heads included); from there
@@ -58,7 +60,12 @@ def _stand_in(kind: type) -> type:
     return type(f"Plain{kind.__name__.title()}", (), {"__new__": lambda cls, *a, **kw: kind(*a, **kw)})
 
 
-_SAFE = [(_stand_in(kind), name) for name, kind in PLAIN_CONTAINERS.items()]
+# Classes Lightning 1.x pickles only as names: the callback types that key checkpoint["callbacks"]
+# (ViLT's files were written by pytorch_lightning 1.1.4); read as their dotted names, never called.
+CLASS_NAMES = tuple(f"pytorch_lightning.callbacks.{m}" for m in (
+    "model_checkpoint.ModelCheckpoint", "early_stopping.EarlyStopping", "lr_monitor.LearningRateMonitor",
+    "progress.ProgressBar"))
+_SAFE = [(_stand_in(kind), name) for name, kind in PLAIN_CONTAINERS.items()] + [(n, n) for n in CLASS_NAMES]
 # an AttributeDict pickled by older Pythons carries an empty instance-__dict__ state (BUILD {}):
 # the unpickler only builds allowlisted types, and the stand-in made a plain dict
 _SAFE.append((dict, "builtins.dict"))
@@ -84,6 +91,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"{p}: refused to load: its pickle names {what}, which is neither a tensor, a plain container nor one "
             f"of {sorted(PLAIN_CONTAINERS)}; nothing in it was run. Load it only if you trust it, and save its "
             "state_dict alone (torch.save(ckpt['state_dict'], 'weights.pt'))") from None
+    except Exception as e:  # truncated, corrupt, or a pickle that misuses an allowed name
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"{p}: cannot be read as a checkpoint ({type(e).__name__}: {reason}); is the file "
+                         "complete?") from None
 
 
 def _config_of(ckpt: dict) -> dict:
