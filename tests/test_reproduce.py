@@ -278,7 +278,10 @@ def run_sbatch(argv: list[str], work: Path, job: int) -> str:
     from dide_scale.distributed import free_port
     script = next(i for i, a in enumerate(argv) if a.endswith(".sbatch"))
     config, overrides = argv[script + 1], argv[script + 2:]
-    env = dict(os.environ, PATH=f"{work.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", DIDE_TASKS_PER_NODE="2",
+    from dide_scale.distributed import TORCHRUN_VARS
+    # a job starts clean: an in-process run earlier in this session exported torchrun's variables
+    clean = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("SLURM_")}
+    env = dict(clean, PATH=f"{work.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", DIDE_TASKS_PER_NODE="2",
                SLURM_JOB_ID=str(job), SLURM_JOB_NUM_NODES="1", SLURM_CPUS_ON_NODE="2", DIDE_MASTER_ADDR="127.0.0.1",
                DIDE_MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
