@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .labels import student_labels
+from .labels import student_labels, teacher_labels
+from .models.attention import resolve_layer_map
+from .models.caption import Generation
 from .models.fusion import FusionEncoder
+from .models.hf_vilt import HFViltTeacher
 from .models.saved import load_pretrained, read_model_config
 from .models.sources import resolve_source
 from .models.student import DualEncoder, TowerShape
-from .models.weights import init_fusion, init_student
+from .models.vilt_native import ViltCheckpoint
+from .models.weights import fusion_model, init_fusion, init_student
 
 
 def build_student(cfg) -> nn.Module:
@@ -19,6 +23,8 @@ def build_student(cfg) -> nn.Module:
     if cfg.student.kind == "fusion":
         model = FusionEncoder(shape, cfg.train.task, cfg.num_classes(), cfg.loss.student_layer)
         model.labels = student_labels(cfg)
+        if cfg.train.task == "caption":
+            model.generation = generation(cfg)
         if cfg.loss.token_nce > 0:
             n_pairs = len(cfg.loss.layer_map) or shape.depth
             model.add_distill_projections(n_pairs, teacher_width(cfg))
@@ -39,6 +45,12 @@ def teacher_source(cfg) -> str:
     return resolve_source(cfg.teacher.path, "teacher.path")
 
 
+def generation(cfg):
+    """The decoding settings of a RunConfig's ``caption`` section."""
+    c = cfg.caption
+    return Generation(c.beam_size, c.max_length, c.length_penalty)
+
+
 def build_teacher(cfg) -> nn.Module | None:
     """The frozen teacher (eval, no grad), or None when no distillation loss is on."""
     if not cfg.loss.distills():
@@ -47,12 +59,9 @@ def build_teacher(cfg) -> nn.Module | None:
     if t.kind == "hf_vilt":
         import transformers
 
-        from .models.hf_vilt import HFViltTeacher
         transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on the console
         teacher = HFViltTeacher.from_pretrained(path, cfg.train.task, tap_layer=cfg.loss.teacher_layer)
     elif t.kind == "vilt_ckpt":
-        from .labels import teacher_labels
-        from .models.vilt_native import ViltCheckpoint, fusion_model
         teacher = fusion_model(ViltCheckpoint.read(path), cfg.train.task, t.itm_head, t.arch.heads,
                                cfg.loss.teacher_layer, teacher_labels(cfg))
     else:
@@ -78,7 +87,6 @@ def teacher_shape(cfg) -> tuple[int, int]:
         c = read_model_config(path, ("vilt",))
         return int(c["hidden_size"]), int(c["num_attention_heads"])
     if cfg.teacher.kind == "vilt_ckpt":
-        from .models.vilt_native import ViltCheckpoint
         shape = ViltCheckpoint.read(path).shape(cfg.teacher.arch.heads)
         return shape.width, shape.heads
     shape = read_model_config(path, ("dide_fusion",))["shape"]
@@ -100,7 +108,6 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
     Visual tokens: every model takes the student's patch grid of each image (a teacher with
     another patch size gets each patch resampled to its own size, see ``DistillTask``), and
     interpolates its position table to that grid, so only square patches are required."""
-    from .models.attention import resolve_layer_map
     s = cfg.student.arch
     t_heads = teacher.num_heads
     t_patch = teacher.patch_size
@@ -108,6 +115,9 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
         raise ValueError(f"the teacher has non-square patches {t_patch}: the student's square patches cannot "
                          "line up with them")
     check_heads(t_heads, cfg)
+    if cfg.train.task == "caption" and cfg.loss.soft_label > 0 and teacher.shape.vocab_size != s.vocab_size:
+        raise ValueError(f"the caption teacher predicts over {teacher.shape.vocab_size} tokens, "
+                         f"student.arch.vocab_size={s.vocab_size}: soft targets need one vocabulary")
     if cfg.loss.layerwise():
         try:
             resolve_layer_map(cfg.loss.layer_map, teacher.depth, s.depth)

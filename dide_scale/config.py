@@ -21,7 +21,7 @@ import yaml
 from .fsutil import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-Task = Literal["itm", "vqa", "nlvr2", "snli_ve"]
+Task = Literal["itm", "vqa", "nlvr2", "snli_ve", "caption"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TASKS = typing.get_args(Task)
 TASK_CLASSES = {"itm": 2, "nlvr2": 2, "snli_ve": 3}
@@ -287,8 +287,11 @@ class OptimConfig:
     """AdamW with linear warm-up and linear decay, counted in optimizer steps."""
 
     lr: float = 1e-4
+    """Peak learning rate (reached at the end of the warm-up)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW's [beta1, beta2]."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     warmup_fraction: float = 0.1
     """Warm-up length as a fraction of train.max_steps (optimizer steps)."""
     head_lr_mult: float = 1.0
@@ -310,7 +313,8 @@ class TrainConfig:
     output_dir: str = "runs/debug"
     """Run directory; re-running with the same directory resumes."""
     task: Task = "itm"
-    """'itm' (pre-training distillation), 'vqa', 'nlvr2' or 'snli_ve'."""
+    """'itm' (pre-training distillation), 'vqa', 'nlvr2', 'snli_ve' or 'caption' (a fusion model
+    generating captions, section ``caption``)."""
     max_steps: int = 100
     """Optimizer steps."""
     global_batch_size: int = 32
@@ -325,9 +329,10 @@ class TrainConfig:
     """Dtype of the gradient reductions across ranks under bf16/fp16 ('fp32', 'bf16', 'fp16'):
     DeepSpeed defaults to the model's dtype, which loses precision when summing over many ranks."""
     grad_accum_dtype: Precision = "fp32"
-    """Dtype gradients accumulate in over micro-batches under bf16/fp16, at ZeRO stages 2-3. At
-    stages 0-1 DeepSpeed accumulates in the model's dtype: its fp32-accumulating bf16 optimizer
-    for stage 1 writes checkpoints that its own fp32 consolidation cannot read."""
+    """Dtype gradients accumulate in over micro-batches under bf16/fp16, at ZeRO stages 1-3
+    (bf16 at stage 1 runs DeepSpeed's BF16 optimizer; its checkpoints are exported through the
+    universal conversion). Stage 0 can only accumulate in the model's dtype: with more than
+    one micro-batch per step it is refused unless this is set to that dtype."""
     offload: bool = False
     """Offload optimizer state and parameters to CPU (ZeRO-3 only)."""
     ds_config: str = ""
@@ -335,6 +340,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     seed: int = 0
+    """Seed of the initial weights, the data streams and every random draw of a step."""
     log_every: int = 10
     """Steps between metric logs (the loop's only host-device syncs; cross-rank ITM negatives and the
     token queue read their all_to_all / all_gather sizes on the host, one small sync each)."""
@@ -354,7 +360,15 @@ class TrainConfig:
     probe_every: int = 0
     """Steps between attention-map images in TensorBoard (0: never)."""
     eval_batches: int = 0
-    """Cap on evaluation batches (0: the whole split)."""
+    """Cap on evaluation batches (0: the whole split; per rank)."""
+    eval_retrieval: Literal["rerank", "itc", "itm"] = "rerank"
+    """How ITM runs of the dual encoder rank data.val_shards for retrieval recall (the model
+    selection score is the mean of text-to-image and image-to-text R@1): 'rerank' (contrastive
+    top train.eval_retrieval_k of each query re-scored by the ITM head, as ALBEF/BLIP), 'itc'
+    (contrastive cosine only) or 'itm' (the ITM head over every pair)."""
+    eval_retrieval_k: int = 128
+    """Candidates per query that 'rerank' re-scores (ALBEF/BLIP: 128 on Flickr30K, 256 on COCO);
+    at least 10, for recall@10."""
     peak_tflops: float = 0.0
     """Per-device peak FLOP/s (in TFLOP/s) for MFU; 0 looks the GPU model up (none on CPU)."""
 
@@ -366,9 +380,49 @@ class TrainConfig:
                      "max_bad_steps", "collective_timeout_s", "lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_retrieval_k < 10:
+            raise ConfigError(f"train.eval_retrieval_k={self.eval_retrieval_k} must be >= 10: recall@10 needs ten "
+                              "candidates per query")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
+
+
+CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
+
+
+@dataclass
+class CaptionConfig:
+    """Captioning (``train.task=caption``, fusion models): Oscar's masked caption-token
+    training, and the decoding that evaluation and exports use (docs/METHOD.md)."""
+
+    mask_prob: float = 0.15
+    """Fraction of a caption's tokens ([CLS] and [SEP] counted) predicted per sample, rounded,
+    at least 1 (Oscar: 0.15)."""
+    max_masked: int = 3
+    """At most this many tokens of a caption are predicted per sample (Oscar: 3)."""
+    beam_size: int = 5
+    """Beam width of evaluation and of the exported model's default decoding; 1 is greedy
+    (Oscar's COCO evaluation: 5)."""
+    max_length: int = 20
+    """Most tokens generated after [CLS], [SEP] included (Oscar: 20); below
+    student.arch.max_text_len."""
+    length_penalty: float = 1.0
+    """A finished caption's score is its log-probability / (its length ** length_penalty)."""
+    metrics: list[str] = field(default_factory=lambda: list(CAPTION_METRICS))
+    """Metrics computed at evaluation, from pycocoevalcap: bleu4, meteor, rouge_l, cider (CIDEr-D,
+    the selection score, always computed). The PTB tokenizer and METEOR run on Java."""
+
+    def check(self) -> None:
+        if not 0 < self.mask_prob <= 1:
+            raise ConfigError(f"caption.mask_prob={self.mask_prob} must be in (0, 1]")
+        for name in ("max_masked", "beam_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"caption.{name} must be >= 1, got {getattr(self, name)}")
+        unknown = [m for m in self.metrics if m not in CAPTION_METRICS]
+        if unknown or "cider" not in self.metrics:
+            raise ConfigError(f"caption.metrics={self.metrics}: each one of {list(CAPTION_METRICS)}, and 'cider' "
+                              "(the selection score) among them")
 
 
 @dataclass
@@ -379,16 +433,20 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     # -- derived values -------------------------------------------------------------------
     def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each rank; checked, never assumed."""
-        per_step = self.train.micro_batch_size * world_size
-        if self.train.global_batch_size % per_step:
+        """Micro-batches per optimizer step on each rank; checked, never assumed.  The error
+        names the keys that make the batch fit this world size."""
+        t = self.train
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
             raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.train.micro_batch_size} x world size {world_size}")
-        return self.train.global_batch_size // per_step
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size} x world size {world_size}: set "
+                + " or ".join(batch_fixes(t.global_batch_size, t.micro_batch_size, world_size)))
+        return t.global_batch_size // per_step
 
     def teacher_partitioned(self) -> bool:
         """Whether the teacher runs as a ZeRO-3 engine (teacher.zero_stage, resolved)."""
@@ -396,16 +454,19 @@ class RunConfig:
         return (self.train.zero_stage == 3) if stage is None else stage == 3
 
     def num_classes(self) -> int:
+        if self.train.task == "caption":  # the MLM head's outputs
+            return self.student.arch.vocab_size
         return self.data.num_answers if self.train.task == "vqa" else TASK_CLASSES[self.train.task]
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
         """Each section's own checks, then the ones across sections."""
-        for section in (self.student, self.teacher, self.loss, self.data, self.optim, self.train):
+        for section in (self.student, self.teacher, self.loss, self.data, self.optim, self.train, self.caption):
             section.check()
         if world_size is not None:
             self.grad_accum_steps(world_size)
         self._check_models()
         self._check_images()
+        self._check_caption()
         return self
 
     def _check_models(self) -> None:
@@ -432,11 +493,48 @@ class RunConfig:
             raise ConfigError(f"data.image_resize=stretch needs data.image_shorter={d.image_shorter} and "
                               f"data.image_longer={d.image_longer} to be multiples of student.arch.patch_size={p}")
 
+    def _check_caption(self) -> None:
+        """What captioning needs of the models and the losses."""
+        if self.train.task != "caption":
+            return
+        s, lo = self.student, self.loss
+        if s.kind != "fusion":
+            raise ConfigError("train.task=caption needs student.kind=fusion: the dual encoder's towers never read "
+                              "the image and the caption together, so it cannot generate")
+        if lo.attn_t2i > 0 or lo.attn_i2t > 0:
+            raise ConfigError("loss.attn_t2i/attn_i2t are DiDE's cross-modal attention, which the captioning seq2seq "
+                              "mask does not have (image tokens never see the caption): set them to 0 and distil "
+                              "with loss.attn_mse / loss.token_nce")
+        if lo.distills() and self.teacher.kind != "fusion":
+            raise ConfigError("teacher.kind=hf_vilt cannot teach captioning (transformers' ViLT has no seq2seq "
+                              "mask): train a caption teacher with student.kind=fusion train.task=caption, "
+                              "optionally from its weights (student.init=vilt:DIR), and use teacher.kind=fusion")
+        if self.caption.max_length >= s.arch.max_text_len:
+            raise ConfigError(f"caption.max_length={self.caption.max_length} must be below "
+                              f"student.arch.max_text_len={s.arch.max_text_len} (the [CLS] and the [MASK] being "
+                              "predicted take text positions too)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def batch_fixes(global_batch: int, micro: int, world: int) -> list[str]:
+    """Overrides that make the batch arithmetic fit ``world`` ranks: the largest micro-batch
+    (at most ``micro``) that keeps the global batch, else the smallest global batch above it
+    that ``world`` ranks can share, with such a micro-batch."""
+    def largest_micro(g: int) -> int:
+        return next(m for m in range(min(micro, g // world), 0, -1) if g % (m * world) == 0)
+    if global_batch % world == 0:
+        m = largest_micro(global_batch)
+        k = global_batch // (m * world)
+        return [f"train.micro_batch_size={m} (the same global batch, {k} micro-batch{'es' if k > 1 else ''} "
+                "per step)"]
+    g = -(-global_batch // world) * world
+    return [f"train.global_batch_size={g} train.micro_batch_size={largest_micro(g)} (a larger global batch: "
+            "retune optim.lr)"]
 
 
 # -- building from dicts ----------------------------------------------------------------------

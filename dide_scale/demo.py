@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+from .config import load_config
+from .console import DefaultsHelpFormatter, add_version, quiet_libraries
+
 log = logging.getLogger("dide_scale")
 
 SHIPPED_TEACHERS = Path(__file__).parent / "demo_teachers"
@@ -94,8 +98,6 @@ def split_digest(split_dir: Path) -> str:
 
 
 def train_one(name: str, overrides: list[str], config: str) -> dict:
-    from . import distributed
-    from .config import load_config
     from .engine import build_ds_config
     from .train import run
     env = distributed.detect()
@@ -145,7 +147,6 @@ def shipped_teachers() -> tuple[Path, Path]:
 def evaluate_export(model_dir: Path, data: Path, task: str = "vqa", batch_size: int = 256) -> dict:
     """Held-out figures of an exported model on the demo's val split: VQA accuracy per question
     type, or ITM pair accuracy (``evaluate.itm_pair_accuracy``) for an ITM model."""
-    from .config import load_config
     from .data.pipeline import build_loader
     from .evaluate import evaluate, export_settings, itm_pair_accuracy
     from .models.saved import load_pretrained
@@ -172,7 +173,6 @@ def curve(run_dir: Path) -> dict:
 
 
 def measure_throughput(student_dir: Path, teacher_dir: Path, data: Path, config: str, n: int = 256) -> dict:
-    from .config import load_config
     from .data.pipeline import build_loader
     from .inference import compare_vqa_throughput
     from .models.images import from_batch
@@ -281,8 +281,9 @@ def plot_curves(teacher_acc: float, results: list[dict], path: Path, title: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dide-demo", description=(__doc__ or "").split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .train import command_description
+    ap = argparse.ArgumentParser(prog="dide-demo", description=command_description(__doc__),
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run directory")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds of the students")
     ap.add_argument("--student-steps", type=int, default=1200, help="training steps of each student")
@@ -295,11 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="add a student pre-trained on ITM with distillation from the ITM teacher "
                          "(--pretrain-steps), then fine-tuned with distillation (does not fit the 10-minute budget)")
     ap.add_argument("--pretrain-steps", type=int, default=2400, help="with --two-stage")
-    ap.add_argument("--train-samples", type=int, default=20_000)
-    ap.add_argument("--val-samples", type=int, default=2_000)
+    ap.add_argument("--train-samples", type=int, default=20_000, help="demo training samples (written to OUT/data)")
+    ap.add_argument("--val-samples", type=int, default=2_000,
+                    help="held-out demo samples, on which the teacher and the students are scored")
     ap.add_argument("--config", default="demo", help="base config (the shipped demo.yaml)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every training run")
+    add_version(ap)
     args = ap.parse_args(argv)
+    quiet_libraries()
     from .metrics import setup_logging
     setup_logging(0)
     out = Path(args.out)

@@ -13,7 +13,13 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# What a training process tells its launcher (slurm/pretrain.sbatch, launch/submit.py) by its exit code
+REQUEUE_EXIT_CODE = 42  # "checkpointed on a stop signal: requeue me"
+BAD_STEPS_EXIT_CODE = 3
+LEASE_LOST_EXIT_CODE = 4  # another job holds the run directory now: nothing more is written, no requeue
 
 
 @dataclass
@@ -73,16 +79,31 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def any_rank(flag: bool, group=None) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a MAX all-reduce on ``group``, the
-    CPU gloo control group: no device sync)."""
+def control_group(timeout_s: float):
+    """A CPU (gloo) group over every rank for the loop's votes and object exchanges, with the
+    run's collective timeout (``new_group`` would otherwise give it torch's 30-minute default,
+    whatever the default group's)."""
+    import datetime
+
+    import torch.distributed as dist
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def max_over_ranks(value: int, group=None) -> int:
+    """The largest ``value`` of any rank, on every rank (a MAX all-reduce on ``group``, the CPU
+    gloo control group: no device sync)."""
     import torch
     import torch.distributed as dist
     if world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([int(bool(flag))])
+        return int(value)
+    t = torch.tensor([int(value)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    return max_over_ranks(int(bool(flag)), group) > 0
 
 
 def all_ranks(flag: bool, group=None) -> bool:
@@ -100,11 +121,51 @@ def rank0_decides(value, group=None):
     return box[0]
 
 
+def lockstep_batches(loader, max_batches: int = 0, lockstep: bool = False, group=None, progress: bool = False,
+                     desc: str = "eval"):
+    """Yields (batch, counted) for each batch of ``loader`` (at most ``max_batches``).  In
+    ``lockstep`` every rank yields as many batches as the rank with the most, so forward passes
+    that gather parameters collectively (ZeRO-3) match: a rank out of data repeats its last
+    batch, not counted.  One flag all-reduce per batch on ``group`` (the CPU control group)."""
+    it = iter(tqdm(loader, desc=desc, disable=not progress, leave=False))
+    last, i = None, 0
+    while True:
+        batch = None if max_batches and i >= max_batches else next(it, None)
+        have = batch is not None
+        if not (any_rank(have, group) if lockstep else have):
+            return
+        i += 1
+        last = batch if have else last
+        if last is None:
+            raise RuntimeError("a rank has no evaluation batch while others have: the split has too few samples "
+                               "(for retrieval, too few shards) for every rank to get one")
+        yield last, have
+
+
 def barrier(group=None) -> None:
     """Wait for every rank (a no-op without a process group)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier(group=group)
+
+
+def wait_for_rank0(group, timeout_s: float) -> None:
+    """The other ranks wait until rank 0 is here, for up to ``timeout_s`` rather than the
+    group's collective timeout: for when rank 0 alone has long work left (the final export)
+    and the others nothing to do but wait.  ``group`` is a CPU (gloo) group, where a
+    receive takes its own timeout (a barrier's would not); a no-op alone."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    if world_size() == 1:
+        return
+    token = torch.zeros(1)
+    if rank() == 0:
+        for r in range(1, world_size()):
+            dist.isend(token, dst=r, group=group).wait()
+    else:
+        dist.irecv(token, src=0, group=group).wait(timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def gather_objects(value, group=None) -> list:
@@ -176,7 +237,7 @@ def request_slots(owner, remote, world: int):
 
 def gather_rows(tensors: list, idx, capacity: int | None = None) -> list:
     """Rows ``idx`` of each tensor, where ``idx`` holds global row indices (rank r's row i is
-    ``r * B + i``, every rank's tensors having B rows), as ``losses.mine_hard_negatives``
+    ``r * B + i``, every rank's tensors having B rows), as ``negatives.mine_hard_negatives``
     returns them.  This rank's own rows are read in place; the others arrive in two
     ``all_to_all`` exchanges of static size (the requests, then the rows): ``capacity`` rows
     from each rank, which mining guarantees no request exceeds, so nothing is read back to
@@ -213,6 +274,32 @@ def gather_rows(tensors: list, idx, capacity: int | None = None) -> list:
     return out
 
 
+def sizes_over_ranks(n: int, device, group=None) -> list[int]:
+    """Every rank's ``n``, in rank order (one all-gather of a 1-element tensor on ``device``)."""
+    import torch
+    import torch.distributed as dist
+    mine = torch.tensor([n], device=device)
+    counts = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(counts, mine, group=group)
+    return torch.cat(counts).tolist()  # one host sync for every rank's count
+
+
+def gather_uneven(x, group=None):
+    """Every rank's ``x`` concatenated in rank order, on every rank, where the ranks' row counts
+    differ (other dimensions equal; a rank may have none).  Each rank sends its rows padded
+    to the largest count, so the cost is one all-gather of that size plus one of the counts."""
+    import torch
+    import torch.distributed as dist
+    if world_size() == 1:
+        return x
+    counts = sizes_over_ranks(x.shape[0], x.device, group)
+    padded = x.new_zeros((max(max(counts), 1), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [padded.new_empty(padded.shape) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
 def gather_newest(x, keep_last: int):
     """[P, M_r, C] on each rank -> the last ``keep_last`` of [P, sum_r M_r, C] in rank order.
 
@@ -223,10 +310,7 @@ def gather_newest(x, keep_last: int):
     import torch.distributed as dist
     if world_size() == 1:
         return x[:, -keep_last:]
-    n = torch.tensor([x.shape[1]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(counts, n)
-    counts = [int(c) for c in counts]
+    counts = sizes_over_ranks(x.shape[1], x.device)
     keep = []
     later = 0  # rows of higher ranks, which are newer
     for c in reversed(counts):
@@ -240,6 +324,31 @@ def gather_newest(x, keep_last: int):
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([p[:, :k] for p, k in zip(parts, keep)], dim=1)
+
+
+def init_evaluation_group(env: DistEnv, device: str | None = None, timeout_s: int = 1800):
+    """A plain torch.distributed group for a job that only evaluates (``dide-eval`` under
+    torchrun or srun; DeepSpeed is not needed): nccl with this rank's own GPU, else gloo; an
+    existing group is joined as it is.  Returns (this rank's device, a gloo control group for
+    host-side agreements or None for one process, whether the group was made here)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_gpu = gpus > 0 if device is None else device.startswith("cuda")
+    if env.world_size == 1:
+        return torch.device(device or ("cuda" if use_gpu else "cpu")), None, False
+    timeout = datetime.timedelta(seconds=timeout_s)
+    made = not dist.is_initialized()
+    if made:
+        env.export(gpus if use_gpu else 0)
+        if use_gpu:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if use_gpu else "gloo", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+    dev = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    return dev, dist.new_group(backend="gloo", timeout=timeout), made
 
 
 def free_port() -> int:

@@ -75,8 +75,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds["fp16"] = fp16
     if t.precision != "fp32":  # fp32 reductions and accumulation: bf16 sums over 16+ ranks lose digits
         ds.setdefault("communication_data_type", t.comm_dtype)
-        if t.zero_stage >= 2:  # see train.grad_accum_dtype for stages 0-1
+        if t.zero_stage >= 1:
             ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", t.grad_accum_dtype)
+        elif accum > 1 and t.grad_accum_dtype != t.precision:
+            raise ConfigError(f"train.zero_stage=0 accumulates gradients in {t.precision} (DeepSpeed has no "
+                              f"{t.grad_accum_dtype} accumulation without ZeRO) over {accum} micro-batches: set "
+                              f"train.zero_stage=1, or train.grad_accum_dtype={t.precision} to accept it")
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10 ** 9)  # our own logger prints
     ds.setdefault("wall_clock_breakdown", False)
@@ -172,6 +176,22 @@ def lr_lambda(max_steps: int, warmup_fraction: float, min_ratio: float):
     return f
 
 
+def optimizer_offloaded(ds_config: dict) -> bool:
+    """Whether ZeRO keeps the optimizer state (and steps it) on the CPU or NVMe."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def adamw(groups: list[dict], o, offloaded: bool) -> torch.optim.Optimizer:
+    """AdamW over ``groups``.  With the optimizer offloaded, DeepSpeed's vectorised CPU Adam
+    (a C++ op built on first use), which ZeRO-Offload requires of a client optimizer: torch's
+    AdamW would step the CPU-resident fp32 master weights several times slower."""
+    if offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
 @dataclass
 class Engines:
     student: "deepspeed.DeepSpeedEngine"
@@ -188,7 +208,7 @@ class Engines:
 def build_engines(cfg: RunConfig, ds_config: dict, student: nn.Module, teacher: nn.Module | None) -> Engines:
     o = cfg.optim
     groups = param_groups(student, o.lr, o.weight_decay, student.head_parameters(), o.head_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer = adamw(groups, o, offloaded=optimizer_offloaded(ds_config))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.train.max_steps, o.warmup_fraction, o.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
@@ -226,6 +246,14 @@ def local_param_fraction(module: nn.Module) -> float:
     return held / max(1, total)
 
 
+def partitioned_params(module: nn.Module) -> tuple[int, int]:
+    """(parameter tensors ZeRO-3 partitions across the ranks, all parameter tensors): a
+    partitioned one is whole only inside its module's forward; those under
+    ``stage3_param_persistence_threshold`` elements stay whole on every rank."""
+    params = list(module.parameters())
+    return sum(1 for p in params if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)), len(params)
+
+
 def grad_norm(engine) -> float | None:
     """Global gradient norm of the last optimizer step (None when DeepSpeed has none)."""
     g = engine.get_global_grad_norm()
@@ -242,9 +270,21 @@ def loss_scale(engine) -> float:
 
 
 def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict:
-    """Full fp32 student weights from a sharded checkpoint (any ZeRO stage, any world size)."""
+    """Full fp32 student weights from a sharded checkpoint (any ZeRO stage, any world size).
+    ZeRO-1 under bf16 with fp32 gradient accumulation runs DeepSpeed's BF16 optimizer, whose
+    checkpoints its fp32 consolidation cannot read: those go through its universal
+    conversion, which keeps every parameter's fp32 master weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    d = Path(checkpoint_dir) / tag
+    if not any(d.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    zero = convert_to_universal(checkpoint_dir, tag, Path(checkpoint_dir) / "universal") / "zero"
+    model = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    sd = {k: v.float() for k, v in model["module"].items() if k in set(model.get("buffer_names", []))}
+    for p in sorted(zero.iterdir()):
+        if (p / "fp32.pt").is_file():
+            sd[p.name] = torch.load(p / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+    return sd
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

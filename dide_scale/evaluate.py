@@ -2,7 +2,7 @@
 retrieval recall@k, and the VQA answer JSON of the official evaluation server.
 
 ``dide-eval --model DIR --shards PATTERN --task vqa`` evaluates an exported model (student
-or fusion) without DeepSpeed.
+or fusion) without DeepSpeed; a captioner is decoded and scored by ``dide_scale.captions``.
 """
 from __future__ import annotations
 
@@ -12,8 +12,18 @@ import sys
 from collections import defaultdict
 
 import torch
-from tqdm import tqdm
 
+from . import distributed
+from .captions import eval_main
+from .config import ConfigError, load_config
+from .console import add_version, quiet_libraries
+from .data.pipeline import build_loader
+from .data.transforms import read_geometry
+from .distributed import gather_objects, lockstep_batches, world_size
+from .inference import DualEncoderInference
+from .labels import answer_list
+from .models.saved import load_pretrained
+from .retrieval import SCORERS, retrieval_ranks
 from .task import batch_to_device
 
 
@@ -30,11 +40,10 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
     for VQA, 'predictions' [{'question_id', 'answer'}] when ``answers`` is given.
 
     In a process group, each rank's ``loader`` reads its own share of the split
-    (``pipeline.eval_share``): the ranks run their forward passes in lock-step (a rank out of
+    (``pipeline.eval_split``): the ranks run their forward passes in lock-step (a rank out of
     data repeats its last batch, uncounted, so ZeRO-3's collective parameter gathers match)
     and the sums are added over ranks, so every rank returns what one process reading the
     whole split would.  ``max_batches`` caps each rank's batches."""
-    from .distributed import any_rank, world_size
     was_training = model.training
     model.eval()
     if task == "itm":
@@ -44,19 +53,8 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
     per_type: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     predictions = []
     lockstep = world_size() > 1
-    it = iter(tqdm(loader, desc="eval", disable=not progress, leave=False))
-    last, i = None, 0
-    while True:
-        batch = None if max_batches and i >= max_batches else next(it, None)
-        have = batch is not None
-        if not (any_rank(have, group) if lockstep else have):
-            break
-        i += 1
-        last = batch if have else last
-        if last is None:
-            raise RuntimeError("a rank has no evaluation batch while others have: give the split at least as "
-                               "many shards as ranks")
-        b = batch_to_device(last, device, dtype)
+    for batch, have in lockstep_batches(loader, max_batches, lockstep, group, progress):
+        b = batch_to_device(batch, device, dtype)
         logits = model_logits(model, b).float()
         if not have:
             continue
@@ -85,7 +83,6 @@ def evaluate(model, loader, task: str, device, dtype=torch.float32, max_batches:
 
 
 def _sum_over_ranks(score_sum: float, n: int, per_type: dict, group=None):
-    from .distributed import gather_objects
     parts = gather_objects((score_sum, n, dict(per_type)), group)
     total, count, types = 0.0, 0, defaultdict(lambda: [0.0, 0])
     for s, c, pt in parts:
@@ -122,45 +119,22 @@ def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor | None = None, 
     return out
 
 
-@torch.no_grad()
 def evaluate_retrieval(model, loader, scorer: str = "itm", device="cpu", dtype=torch.float32,
-                       max_batches: int = 0, prepare: bool = True) -> dict:
-    """Image-text retrieval over a split of (image, caption) shards with a dual encoder.
-
-    Each image (by ``image_id``, else the sample key) and each caption is encoded once; the
-    score matrix is the ITM head over every (text, image) pair from the cached [CLS] vectors
-    (``scorer='itm'``) or the cosine of the contrastive embeddings (``'itc'``, N + M work).
-    ``prepare=False`` leaves the model's device and dtype alone (a model inside an engine)."""
-    from .inference import DualEncoderInference
-    from .models.images import from_batch
-    if not hasattr(model, "encode_image"):
-        raise ValueError("retrieval evaluation needs a dual encoder (a fusion model would need one joint pass "
-                         "per image-text pair)")
-    if scorer not in ("itm", "itc"):
-        raise ValueError(f"scorer={scorer!r} must be 'itm' or 'itc'")
-    inf = DualEncoderInference(model, device, dtype, prepare=prepare)
-    texts, images, text_image, index = [], [], [], {}
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        ids = batch.get("image_ids", batch["keys"])
-        new = []  # first occurrence of each image (one batch often holds several captions of it)
-        for j, iid in enumerate(ids):
-            if iid not in index:
-                index[iid] = len(index)
-                new.append(j)
-        if new:
-            images.append(inf.encode_images(from_batch(batch)[new]))
-        texts.append(inf.encode_texts(batch["input_ids"], batch["attention_mask"]))
-        text_image += [index[iid] for iid in ids]
-    t, im = torch.cat(texts), torch.cat(images)
-    if scorer == "itc":
-        te, ie = model.contrastive_embeddings(t, im)
-        sim = te @ ie.t()
-    else:
-        sim = inf.pair_scores(t, im)
-    res = retrieval_recall(sim, torch.tensor(text_image))
-    return {**res, "n_texts": t.shape[0], "n_images": im.shape[0], "scorer": scorer}
+                       max_batches: int = 0, prepare: bool = True, k: int = 128, group=None,
+                       partitioned: bool = False) -> dict:
+    """Image-text retrieval recall@1/5/10 over a split of (image, caption) shards with a dual
+    encoder (``dide_scale.retrieval``): each image (by ``image_id``, else the sample key) and
+    each caption encoded once, then ranked by ``scorer``: 'itm' (the ITM head over every
+    pair), 'itc' (contrastive cosine) or 'rerank' (the contrastive top ``k`` of each query
+    re-scored by the ITM head).  In a process group each rank's ``loader`` reads its own share
+    of the split (``build_loader(..., exclusive=True)``) and every rank returns the figures of
+    the whole split.  ``prepare=False`` leaves the model's device and dtype alone (a model
+    inside an engine); ``partitioned``: its parameters are ZeRO-3 partitioned (see the module)."""
+    ranks, emb = retrieval_ranks(model, loader, scorer, k, device, dtype, max_batches, prepare, group, partitioned)
+    out = {**ranks.recall(), "n_texts": len(emb.text_keys), "n_images": len(emb.image_ids), "scorer": scorer}
+    if scorer == "rerank":
+        out.update(k=k, candidates=ranks.candidates)
+    return out
 
 
 @torch.no_grad()
@@ -170,7 +144,6 @@ def itm_pair_accuracy(model, loader, device="cpu") -> dict:
     next sample's image in its batch (wrapping round) a negative.  Returns {'accuracy', 'n',
     'per_type': {'match', 'mismatch'}}; a fixed, cheap measure (retrieval recall would need a
     joint pass per image-text pair of a fusion model)."""
-    from .inference import DualEncoderInference
     model = model.eval().to(device)
     dual = hasattr(model, "encode_image")
     inf = DualEncoderInference(model, device) if dual else None
@@ -208,7 +181,6 @@ def export_settings(model_dir: str, model) -> dict:
     import dataclasses
     import os
 
-    from .export import read_geometry
     base = {"student": {"kind": "dual" if hasattr(model, "encode_image") else "fusion",
                         "arch": dataclasses.asdict(model.shape)},
             "train": {"task": model.task}, "data": {}}
@@ -222,46 +194,83 @@ def export_settings(model_dir: str, model) -> dict:
         pass
     if model.task == "vqa":
         base["data"].update(answer_vocab=str(model_dir), num_answers=model.num_classes)
+    if getattr(model, "generation", None) is not None:  # a captioner's decoding defaults
+        base["caption"] = dataclasses.asdict(model.generation)
     return base
 
 
+def shard_loader(cfg, rank: int = 0, world_size: int = 1, exclusive: bool = False):
+    """The evaluation loader over --shards; a folder, a glob or a missing shard is refused in
+    one line naming the option."""
+    try:
+        return build_loader(cfg, "val", rank, world_size, exclusive=exclusive)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"--shards: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError, load_config
-    from .data.pipeline import answer_list, build_loader
-    from .models.saved import load_pretrained
     ap = argparse.ArgumentParser(prog="dide-eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="exported model folder (what dide_scale.export writes); its "
                                                    "tokenizer, image geometry and answer names are used")
-    ap.add_argument("--config", default=None, help="a config whose settings override the folder's (optional)")
-    ap.add_argument("--shards", required=True, help="evaluation shard pattern")
+    ap.add_argument("--config", default=None,
+                    help="a config (YAML file or shipped name) whose settings override the folder's (optional)")
+    ap.add_argument("--shards", required=True,
+                    help="evaluation shards: a file or a brace pattern, e.g. 'data/val/{00000..00003}.tar'")
     ap.add_argument("--vqa-json", default=None, help="write VQA answers here (server format)")
-    ap.add_argument("--retrieval", choices=("itm", "itc"), default=None,
-                    help="image-text retrieval recall@1/5/10 on caption shards, scored by the ITM head over all "
-                         "pairs or by contrastive embeddings (the default for an ITM model: itm)")
+    ap.add_argument("--retrieval", choices=SCORERS, default=None,
+                    help="image-text retrieval recall@1/5/10 on caption shards: 'rerank' (the contrastive top --k "
+                         "of each query re-scored by the ITM head; the default for an ITM model), 'itc' "
+                         "(contrastive embeddings only) or 'itm' (the ITM head over every pair)")
+    ap.add_argument("--k", type=int, default=128,
+                    help="candidates per query for --retrieval rerank (default 128; at least the split's image and "
+                         "caption counts: every pair, ranked exactly as itm)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one); under torchrun "
+                                                   "or srun every rank reads and embeds its own share of the split")
+    ap.add_argument("--captions-json", default=None, help="a captioner: write the COCO results file "
+                                                          "[{image_id, caption}] here")
+    ap.add_argument("--beam", type=int, default=None, help="a captioner: beam size (default: the export's)")
+    ap.add_argument("--max-length", type=int, default=None, help="a captioner: most tokens generated")
+    ap.add_argument("--length-penalty", type=float, default=None, help="a captioner: length penalty")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_version(ap)
     args = ap.parse_args(argv)
+    quiet_libraries()
     try:
         model = load_pretrained(args.model)
-        retrieval = args.retrieval or ("itm" if model.task == "itm" else None)
+        retrieval = args.retrieval or ("rerank" if model.task == "itm" else None)
+        if retrieval == "rerank" and args.k < 10:
+            raise ValueError(f"--k {args.k}: recall@10 needs at least ten candidates per query")
         cfg = load_config(args.config, [*args.overrides, f"train.task={'itm' if retrieval else model.task}",
                                         f"data.val_shards={args.shards}", "loss.attn_t2i=0", "loss.attn_i2t=0",
                                         "loss.soft_label=0", "loss.ground_truth=1"],
                           base=export_settings(args.model, model))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        env = distributed.detect()
+        loader = shard_loader(cfg, env.rank, env.world_size, exclusive=bool(retrieval))
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"dide-eval: error: {e}", file=sys.stderr)
         return 2
-    loader = build_loader(cfg, "val")
+    device, control, made = distributed.init_evaluation_group(env, args.device)
+    if model.task == "caption":
+        code = eval_main(model, cfg, loader, args, device, control, env.is_main)
+        if made:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+        return code
     if retrieval:
-        json.dump(evaluate_retrieval(model, loader, retrieval), sys.stdout, indent=2)
+        res = evaluate_retrieval(model, loader, retrieval, device, k=args.k, group=control)
+    else:
+        answers = answer_list(cfg) if model.task == "vqa" else None
+        res = evaluate(model.to(device), loader, model.task, device, answers=answers, progress=env.is_main,
+                       group=control)
+        predictions = [p for part in distributed.gather_objects(res.pop("predictions", []), control) for p in part]
+        if args.vqa_json and predictions and env.is_main:
+            write_vqa_submission(predictions, args.vqa_json)
+    if env.is_main:
+        json.dump(res, sys.stdout, indent=2)
         print()
-        return 0
-    answers = answer_list(cfg) if model.task == "vqa" else None
-    res = evaluate(model, loader, model.task, torch.device("cpu"), answers=answers, progress=True)
-    if args.vqa_json and "predictions" in res:
-        write_vqa_submission(res["predictions"], args.vqa_json)
-    res.pop("predictions", None)
-    json.dump(res, sys.stdout, indent=2)
-    print()
+    if made:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return 0
 
 

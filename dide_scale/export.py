@@ -7,6 +7,7 @@
       preprocessor_config.json  the image geometry and normalisation (ViltImageProcessor's keys
                                 where they can say it, dide_geometry always)
       README.md                 a model card: task, teacher, data, the dev-split score and step
+      best.json                 a selected model only: {"step", "accuracy", "split"}
 
 The weights come from a sharded checkpoint, consolidated to fp32 (exact master weights,
 whatever the ZeRO stage, precision or world size of the run); the folder loads without
@@ -14,7 +15,10 @@ DeepSpeed, the teacher or the run directory (``models.saved.load_pretrained``,
 ``DualEncoder.from_pretrained``, ``inference.Predictor.from_pretrained``), unpickles
 nothing, and can be pushed to the Hugging Face Hub as it is.
 
-    python -m dide_scale.export RUN_DIR [OUT_DIR]
+    python -m dide_scale.export RUN_DIR [OUT_DIR] [--tag step_00001000] [--best '{"step": .., "accuracy": ..}']
+
+The trainer runs the second form for each new best model on the dev split, in a process of
+its own, so that the other ranks never wait in a collective while rank 0 consolidates.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ import sys
 from pathlib import Path
 
 from .checkpoint import Checkpointer, verify
+from .config import config_from_dict
+from .console import add_version, quiet_libraries
+from .data.transforms import PREPROCESSOR, load_tokenizer, preprocessor_config, read_geometry  # noqa: F401 (read_geometry: its old home)
 from .models.saved import save_pretrained
 
-PREPROCESSOR = "preprocessor_config.json"
 file_log = logging.getLogger("dide_scale.file")  # the run's log file only, not the console
 
 
@@ -62,7 +68,6 @@ def export_from_checkpoint(run_dir: str | Path, out_dir: str | Path, module=None
     if cfg is None:
         import yaml
 
-        from .config import config_from_dict
         cfg = config_from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
     if module is None:
         import copy
@@ -77,38 +82,14 @@ def export_from_checkpoint(run_dir: str | Path, out_dir: str | Path, module=None
 def write_artifact(module, out_dir: str | Path, cfg, state_dict: dict | None = None, best: dict | None = None,
                    step: int | None = None) -> Path:
     """``module``'s weights (or ``state_dict``) with everything needed to use them (see the
-    module doc), written atomically."""
+    module doc), written atomically (``best.json`` too, for a selected model: the folder and
+    its record change together)."""
     def beside(tmp: Path) -> None:
-        from .data.transforms import load_tokenizer
         load_tokenizer(cfg.data.tokenizer).save_pretrained(str(tmp))
         (tmp / PREPROCESSOR).write_text(json.dumps(preprocessor_config(cfg, module), indent=2))
+        if best:
+            (tmp / "best.json").write_text(json.dumps({**best, "split": cfg.data.val_shards}, indent=2))
     return save_pretrained(module, out_dir, state_dict, card_from_run(cfg, best, step), beside)
-
-
-def preprocessor_config(cfg, module) -> dict:
-    """How images reach the model.  transformers' ViltImageProcessor keys are written when they
-    describe the geometry exactly (ViLT's rule with its own cap), so the folder also loads as
-    one; ``dide_geometry`` is what ``Predictor`` reads."""
-    d, p = cfg.data, cfg.student.arch.patch_size
-    norm = getattr(module, "image", module).normalize  # the dual encoder's image tower, or the fusion model
-    out = {"dide_geometry": {"resize": d.image_resize, "shorter": d.image_shorter, "longer": d.image_longer,
-                             "patch": p},
-           "image_mean": norm.mean.tolist(), "image_std": norm.std.tolist(), "jpeg_draft": d.jpeg_draft}
-    if d.image_resize == "vilt" and d.image_longer == int(1333 / 800 * d.image_shorter):
-        out.update({"image_processor_type": "ViltImageProcessor", "do_resize": True,
-                    "size": {"shortest_edge": d.image_shorter}, "size_divisor": p, "resample": 3, "do_rescale": True,
-                    "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": True})
-    return out
-
-
-def read_geometry(model_dir: str | Path):
-    """The ``data.transforms.Geometry`` an exported model was trained with."""
-    from .data.transforms import Geometry
-    f = Path(model_dir) / PREPROCESSOR
-    if not f.is_file():
-        raise FileNotFoundError(f"{model_dir}: no {PREPROCESSOR} (export it again with this version)")
-    g = json.loads(f.read_text())["dide_geometry"]
-    return Geometry(g["resize"], int(g["shorter"]), int(g["longer"]), int(g["patch"]))
 
 
 def card_from_run(cfg, best: dict | None, step: int | None) -> dict:
@@ -118,7 +99,7 @@ def card_from_run(cfg, best: dict | None, step: int | None) -> dict:
                                                                                    "dide_scale fusion")
         teacher = f"{cfg.teacher.path} ({kind})"
     if best:
-        metric = "mean R@1 (retrieval)" if cfg.train.task == "itm" else "accuracy"
+        metric = {"itm": "mean R@1 (retrieval)", "caption": "CIDEr-D"}.get(cfg.train.task, "accuracy")
         selected = (f"the dev split `{cfg.data.val_shards}`: {metric} {best['accuracy']:.4f} at step {best['step']} "
                     f"of {cfg.train.max_steps}")
     else:
@@ -127,12 +108,29 @@ def card_from_run(cfg, best: dict | None, step: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__)
+    import argparse
+
+    prog = "dide-export"  # also `python -m dide_scale.export`
+    ap = argparse.ArgumentParser(prog=prog, description="Export the newest intact checkpoint of a run directory as "
+                                 "a self-contained model folder (config.json, model.safetensors, tokenizer, "
+                                 "preprocessor_config.json, model card) that loads without DeepSpeed or the teacher.")
+    ap.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (train.output_dir) with checkpoints/ and "
+                                                      "config.yaml")
+    ap.add_argument("out", metavar="OUT_DIR", nargs="?", help="where to write the folder (default: RUN_DIR/export)")
+    ap.add_argument("--tag", default=None, help="the checkpoint to export (default: the newest intact one)")
+    ap.add_argument("--best", default=None, help="the dev-split record of a selected model, as JSON (for its card)")
+    add_version(ap)
+    args = ap.parse_args(argv)
+    quiet_libraries()
+    run_dir = Path(args.run_dir)
+    try:
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+        out = export_from_checkpoint(run_dir, args.out or run_dir / "export", tag=args.tag,
+                                     best=json.loads(args.best) if args.best else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(argv[0])
-    out = export_from_checkpoint(run_dir, argv[1] if len(argv) > 1 else run_dir / "export")
     print(out)
     return 0
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import sys
 
 from .train import cli as _train_cli
+from .train import command_description
 from .train import main as _train_main
+
+DESCRIPTION = command_description(__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _train_main(argv, prog="dide-finetune")
+    return _train_main(argv, prog="dide-finetune", description=DESCRIPTION)
 
 
 def cli() -> int:
-    return _train_cli("dide-finetune")
+    return _train_cli("dide-finetune", DESCRIPTION)
 
 
 if __name__ == "__main__":

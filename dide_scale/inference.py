@@ -14,18 +14,25 @@ from typing import Callable
 
 import torch
 
-from .models.images import Images
+from .console import quiet_libraries
+from .data.transforms import pack_patches, read_geometry, resize_image
+from .models.caption import Generation, SpecialTokens, generate
+from .models.images import Images, patchify
+from .models.saved import load_pretrained
+from .models.sources import resolve_source
 
 
 class DualEncoderInference:
     """Batch API over an (exported or in-training) DualEncoder."""
 
     def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 prepare: bool = True):
+                 prepare: bool = True, cls_only: bool = True):
         """``prepare``: move the model to ``device``/``dtype`` (False: it is already there,
-        e.g. inside a DeepSpeed engine); the model is put in eval mode either way."""
+        e.g. inside a DeepSpeed engine); the model is put in eval mode either way.
+        ``cls_only=False`` runs every token through the towers' last blocks: ZeRO-3 gathers a
+        block's parameters only in its own forward, which the [CLS]-only block bypasses."""
         self.model = model.eval().to(device=device, dtype=dtype) if prepare else model.eval()
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.cls_only = torch.device(device), dtype, cls_only
 
     def _images(self, images: Images) -> Images:
         p = images.patches.to(self.device)
@@ -35,12 +42,12 @@ class DualEncoderInference:
     @torch.inference_mode()
     def encode_images(self, images: Images) -> torch.Tensor:
         """Images (uint8 or [0,1] patches) -> cached embeddings [N, width] (pooled [CLS])."""
-        return self.model.pool_image(self.model.encode_image(self._images(images), cls_only=True))
+        return self.model.pool_image(self.model.encode_image(self._images(images), cls_only=self.cls_only))
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.pool_text(self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device),
-                                                           cls_only=True))
+                                                           cls_only=self.cls_only))
 
     @torch.inference_mode()
     def predict(self, text_emb: torch.Tensor, image_emb: torch.Tensor, image_emb2: torch.Tensor | None = None):
@@ -48,18 +55,22 @@ class DualEncoderInference:
         return self.model.classify(text_emb, image_emb, image_emb2)
 
     @torch.inference_mode()
-    def pair_scores(self, text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """[M, N] match scores of every text with every image from cached embeddings
+    def match_scores(self, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+        """Float32 match scores of aligned rows (text i with image i) from cached embeddings
         (ITM head: logit of 'match' minus 'no match'; other heads: max logit)."""
+        logits = self.model.head(self.model.fuse(text_emb, image_emb)).float()
+        return logits[:, 1] - logits[:, 0] if logits.shape[-1] == 2 else logits.max(-1).values
+
+    @torch.inference_mode()
+    def pair_scores(self, text_emb: torch.Tensor, image_emb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """[M, N] match scores (``match_scores``) of every text with every image."""
         m, n = text_emb.shape[0], image_emb.shape[0]
         out = torch.empty(m, n, device=text_emb.device, dtype=torch.float32)
         ti = torch.arange(m, device=text_emb.device).repeat_interleave(n)
         ii = torch.arange(n, device=text_emb.device).repeat(m)
         for s in range(0, m * n, chunk):
             t, i = ti[s:s + chunk], ii[s:s + chunk]
-            logits = self.model.head(self.model.fuse(text_emb[t], image_emb[i])).float()
-            score = logits[:, 1] - logits[:, 0] if logits.shape[-1] == 2 else logits.max(-1).values
-            out.view(-1)[s:s + chunk] = score
+            out.view(-1)[s:s + chunk] = self.match_scores(text_emb[t], image_emb[i])
         return out
 
 
@@ -131,6 +142,8 @@ class Predictor:
         predictor = Predictor.from_pretrained("runs/finetune_vqa/best")
         predictor.answer([Image.open("kitchen.jpg")] * 2, ["what is on the table?", "is the light on?"])
         # [[('plate', 0.71)], [('yes', 0.93)]]
+        Predictor.from_pretrained("runs/caption/best").caption([Image.open("kitchen.jpg")], beam=5)
+        # ['a plate of food on a table']
     """
 
     def __init__(self, model, tokenizer, geometry, device="cpu", dtype: torch.dtype = torch.float32,
@@ -145,12 +158,11 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype: torch.dtype = torch.float32, **kw) -> "Predictor":
-        """A local folder written by ``dide_scale.export``, or a Hub repository id."""
+        """A local folder written by ``dide_scale.export``, or a Hub repository id.  A path that
+        names neither raises ``FileNotFoundError`` in one line."""
         from transformers import AutoTokenizer
 
-        from .export import read_geometry
-        from .models.saved import load_pretrained
-        from .models.sources import resolve_source
+        quiet_libraries()
         root = resolve_source(path, "model")
         return cls(load_pretrained(root), AutoTokenizer.from_pretrained(root), read_geometry(root), device, dtype,
                    **kw)
@@ -171,8 +183,6 @@ class Predictor:
 
         from PIL import Image
 
-        from .data.transforms import pack_patches, resize_image
-        from .models.images import patchify
         p = self.geometry.patch
         items = []
         for im in images:
@@ -235,6 +245,24 @@ class Predictor:
         names = self.labels or [str(i) for i in range(probs.shape[-1])]
         return [[(names[i], round(float(v), 6)) for v, i in zip(vals, idx)]
                 for vals, idx in zip(top.values.tolist(), top.indices.tolist())]
+
+    @torch.inference_mode()
+    def caption(self, images: list, beam: int | None = None, max_length: int | None = None,
+                length_penalty: float | None = None, batch_size: int = 64) -> list[str]:
+        """A captioner's caption of each image, decoded in batches with the export's settings
+        (``generation`` in its config.json) unless given here; ``beam=1`` is greedy."""
+        g = getattr(self.model, "generation", None)
+        if g is None:
+            raise ValueError(f"a {self.model.task} model does not generate captions (export one trained with "
+                             "train.task=caption)")
+        settings = Generation(beam or g.beam_size, max_length or g.max_length,
+                              g.length_penalty if length_penalty is None else length_penalty)
+        tokens = SpecialTokens.of(self.tokenizer)
+        out = []
+        for i in range(0, len(images), batch_size):
+            for ids, _ in generate(self.model, self.inf_images(images[i:i + batch_size]), tokens, settings):
+                out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return out
 
     @torch.inference_mode()
     def scores(self, images: list, texts: list[str]) -> torch.Tensor:

@@ -11,14 +11,17 @@ any process group or model exists.
 from __future__ import annotations
 
 import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-SNLI_VE_NAMES = ("entailment", "neutral", "contradiction")  # the order of data.transforms.SNLI_LABELS
-NLVR2_NAMES = ("False", "True")  # label 0 / 1 of the NLVR2 shards
+from .data.demo import ANSWERS
+from .data.shards import NLVR2_NAMES, SNLI_VE_NAMES
+from .models.sources import resolve_source
+
 _GENERIC = re.compile(r"^LABEL_\d+$")
 
 
@@ -26,7 +29,6 @@ def student_labels(cfg) -> list[str] | None:
     """The student's label names in its head's order (None for ITM, which has no classes)."""
     task = cfg.train.task
     if task == "vqa":
-        from .data.pipeline import answer_list
         return list(answer_list(cfg))
     if task == "snli_ve":
         return list(SNLI_VE_NAMES)
@@ -68,11 +70,31 @@ def read_label_file(path: str, key: str) -> list[str]:
                      '{"0": "net", "1": "pitcher"}')
 
 
+def answer_list(cfg) -> list[str]:
+    """The VQA answer vocabulary of a RunConfig (data.answer_vocab: a JSON list or id -> answer
+    object, or a model directory's id2label; else the demo's answers), checked against
+    data.num_answers."""
+    src = cfg.data.answer_vocab
+    if src and os.path.isdir(src):
+        cfg_file = Path(src) / "config.json"
+        names = names_from_id2label(json.loads(cfg_file.read_text()).get("id2label")) if cfg_file.is_file() else None
+        if not names:
+            raise ValueError(f"data.answer_vocab={src}: a directory without answer names (config.json id2label)")
+        answers = names
+    elif src:
+        answers = read_label_file(src, "data.answer_vocab")  # a list, or an id -> answer object (vqa_dict.json)
+    else:
+        answers = list(ANSWERS)
+    if len(answers) != cfg.data.num_answers:
+        raise ValueError(f"data.answer_vocab has {len(answers)} answers but data.num_answers="
+                         f"{cfg.data.num_answers}")
+    return answers
+
+
 def teacher_labels(cfg) -> list[str] | None:
     """The teacher's output names in its own order, from ``teacher.label_names``,
     ``teacher.label_file``, its config.json (``id2label``) or, for a ViLT checkpoint's NLVR2
     head, ViLT's own (False, True); None for ITM or when nothing names them."""
-    from .models.sources import resolve_source
     if cfg.train.task == "itm":
         return None
     if cfg.teacher.label_names:
@@ -94,12 +116,20 @@ class LabelMap:
     present: torch.Tensor
     missing: list[str]
     teacher_size: int
+    # (index, present) per device, copied once: a host-to-device copy in every step stalls the host
+    _on: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``index`` and ``present`` on ``device``."""
+        if device not in self._on:
+            self._on[device] = (self.index.to(device), self.present.to(device))
+        return self._on[device]
 
     def apply(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         if teacher_logits.shape[-1] != self.teacher_size:
             raise ValueError(f"the teacher gave {teacher_logits.shape[-1]} logits but its label names count "
                              f"{self.teacher_size}")
-        return teacher_logits.index_select(-1, self.index.to(teacher_logits.device))
+        return teacher_logits.index_select(-1, self.on(teacher_logits.device)[0])
 
     @property
     def identity(self) -> bool:
@@ -149,8 +179,9 @@ def match_labels(student: list[str], teacher: list[str] | None, task: str, min_o
 
 
 def label_map_for(cfg) -> LabelMap | None:
-    """The LabelMap of a RunConfig's teacher (None for ITM or when no soft labels are used)."""
-    if cfg.train.task == "itm" or not cfg.loss.soft_label > 0:
+    """The LabelMap of a RunConfig's teacher (None for ITM, for captioning, whose labels are the
+    shared tokenizer's ids, or when no soft labels are used)."""
+    if cfg.train.task in ("itm", "caption") or not cfg.loss.soft_label > 0:
         return None
     return match_labels(student_labels(cfg), teacher_labels(cfg), cfg.train.task, cfg.teacher.min_label_overlap,
                         f"teacher.path={cfg.teacher.path}")

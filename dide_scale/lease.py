@@ -36,6 +36,11 @@ class LeaseHeld(RuntimeError):
     """Another live job holds the run directory."""
 
 
+class LeaseLost(RuntimeError):
+    """Another job took the run directory over while this one ran (this one's renewals
+    stopped for longer than the TTL: a hung filesystem, a frozen node)."""
+
+
 @dataclass
 class Holder:
     token: str
@@ -97,7 +102,9 @@ class RunLease:
     """Hold ``run_dir``'s lease for the life of a job (rank 0 only).
 
     ``acquire()`` raises :class:`LeaseHeld` naming the live holder; ``release()`` removes the
-    lease if it is still ours.  Renewal runs in a daemon thread."""
+    lease if it is still ours.  Renewal runs in a daemon thread; a renewal that finds the
+    lease in another job's hands sets ``lost`` (why), and the trainer then stops without
+    writing another checkpoint."""
 
     def __init__(self, run_dir: str | os.PathLike, ttl_s: float = 300.0):
         self.dir = Path(run_dir)
@@ -107,6 +114,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: str | None = None
+        self.lost: str | None = None
 
     def _write_new(self) -> bool:
         """Create the lease if no file exists (atomic on NFS via link)."""
@@ -155,8 +163,8 @@ class RunLease:
     def renew(self) -> None:
         held = read_holder(self.path)
         if held is None or held.token != self.me.token:
-            log.error("the run-directory lease was taken by another job (%s)",
-                      held.describe() if held else "file removed")
+            self.lost = f"the run-directory lease was taken by another job ({held.describe() if held else 'removed'})"
+            log.error("%s", self.lost)
             self._stop.set()
             return
         self.me.renewed = time.time()

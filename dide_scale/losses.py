@@ -116,52 +116,65 @@ def contrastive(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Te
 # -- DistillVLM (Fang et al., arXiv 2104.02096): layer-to-layer losses for a fusion student --
 
 def attention_mse(t_q: torch.Tensor, t_k: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
-                  mask: torch.Tensor, head_map: str = "per_head") -> torch.Tensor:
+                  mask: torch.Tensor, head_map: str = "per_head", pair_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """MSE between teacher and student self-attention probabilities of one mapped block pair.
 
     Probabilities are softmax(q k^T / sqrt(d)) over the valid keys (fp32); with
     ``head_map='mean'`` both sides are first averaged over heads.  Squared differences are
     summed over keys and averaged over valid queries, heads and batch (the normalisation of
     the attention KL, so the two weights are on one scale); padded text positions count
-    neither as queries nor as keys.  q/k: [B, H, N, D]; mask: [B, N] bool.
+    neither as queries nor as keys.  q/k: [B, H, N, D]; mask: [B, N] bool.  ``pair_mask``
+    [B, N, N] bool (a captioner's seq2seq mask): each query's distribution is over the keys
+    it may attend only, and only those differences count.
     """
     if t_q.shape[2] != s_q.shape[2]:
         raise ValueError(f"teacher sequence of {t_q.shape[2]} tokens vs student {s_q.shape[2]}: they must see "
                          "the same text tokens and image patches")
+    keys = mask if pair_mask is None else pair_mask
     with torch.no_grad():
-        pt = cross_log_probs(t_q, t_k, mask).exp()
-    ps = cross_log_probs(s_q, s_k, mask).exp()
+        pt = cross_log_probs(t_q, t_k, keys).exp()
+    ps = cross_log_probs(s_q, s_k, keys).exp()
     if head_map == "mean":
         pt, ps = pt.mean(1, keepdim=True), ps.mean(1, keepdim=True)
     elif pt.shape[1] != ps.shape[1]:
         raise ValueError(f"teacher has {pt.shape[1]} heads and the student {ps.shape[1]}: per-head attention "
                          "MSE needs equal counts; set loss.head_map=mean")
     m = mask.to(ps.dtype)
-    sq = ((pt - ps).pow(2) * m[:, None, None, :]).sum(-1)  # [B, H, N]: over valid keys
+    km = m[:, None, None, :] if pair_mask is None else pair_mask.to(ps.dtype)[:, None]
+    sq = ((pt - ps).pow(2) * km).sum(-1)  # [B, H, N]: over each query's keys
     sq = sq * m[:, None, :]
     return sq.sum() / (m.sum() * ps.shape[1]).clamp_min(1.0)
 
 
 def layer_attention_mse(teacher: list[JointStates], student: list[JointStates], head_map: str) -> torch.Tensor:
     """attention_mse averaged over mapped block pairs and image passes."""
-    vals = [attention_mse(tq, tk, sq, sk, s.mask, head_map)
+    vals = [attention_mse(tq, tk, sq, sk, s.mask, head_map, s.attn_mask)
             for t, s in zip(teacher, student, strict=True)
             for tq, tk, sq, sk in zip(t.q, t.k, s.q, s.k, strict=True)]
     return torch.stack(vals).mean()
 
 
+def valid_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a [B, N] mask in the flattened [B * N] order (the rows
+    boolean indexing would take), found once: each boolean index is a host sync."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
 def token_nce(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor,
-              negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+              negatives: torch.Tensor, temperature: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Token-wise noise-contrastive loss of one mapped block pair.
 
     For every valid token, the student's state (already projected to the teacher's width)
     must pick the teacher's state of the same token out of {that state} + ``negatives``
     (teacher token states from earlier batches, [K, C], L2-normalised).  Cosine similarity
     / ``temperature``, cross-entropy, mean over valid tokens.  With an empty queue (the very
-    first step) the loss is 0.  student_h/teacher_h: [B, N, C]; mask: [B, N] bool.
+    first step) the loss is 0.  student_h/teacher_h: [B, N, C]; mask: [B, N] bool; ``rows``
+    ``valid_rows(mask)`` when the caller has it already.
     """
-    s = F.normalize(student_h[mask].float(), dim=-1)  # [M, C]
-    t = F.normalize(teacher_h[mask].float(), dim=-1)
+    rows = valid_rows(mask) if rows is None else rows
+    s = F.normalize(student_h.flatten(0, 1).index_select(0, rows).float(), dim=-1)  # [M, C]
+    t = F.normalize(teacher_h.flatten(0, 1).index_select(0, rows).float(), dim=-1)
     pos = (s * t).sum(-1, keepdim=True)
     logits = torch.cat([pos, s @ negatives.float().t()], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))

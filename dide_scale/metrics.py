@@ -17,6 +17,7 @@ real image.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from collections import defaultdict
 
 import torch
 
+from .data.pipeline import geometry
 from .distributed import mean_over_ranks, sum_over_ranks
 
 log = logging.getLogger("dide_scale")
@@ -45,7 +47,6 @@ def model_flops_per_sample(cfg, teacher=None) -> dict[str, float]:
     """{'student', 'teacher', 'total'} FLOPs per training sample (see module docstring).
     ``teacher``: any object with ``width``, ``depth``, ``mlp_ratio`` and ``patch_size`` (both
     teacher kinds have them)."""
-    from .data.pipeline import geometry
     a = cfg.student.arch
     n_patches = geometry(cfg).max_patches
     n_img = n_patches + 1
@@ -86,13 +87,14 @@ def host_rss_gb() -> float:
 
 class MetricsLogger:
     """Accumulates per-step values; ``log`` reduces, prints one console line and writes
-    TensorBoard on rank 0."""
+    TensorBoard and ``RUN_DIR/logs/metrics.jsonl`` (one JSON object per logged step) on rank 0."""
 
     def __init__(self, run_dir: str, rank: int, world: int, global_batch: int, max_steps: int,
                  flops_per_sample: float, peak: float | None, enabled_tb: bool = True):
         self.rank, self.world, self.global_batch, self.max_steps = rank, world, global_batch, max_steps
         self.flops, self.peak = flops_per_sample, peak
         self.writer = None
+        self.jsonl = os.path.join(run_dir, "logs", "metrics.jsonl") if rank == 0 else None
         if rank == 0 and enabled_tb:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
@@ -156,6 +158,9 @@ class MetricsLogger:
                 if v is not None and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **out}) + "\n")
         if self.rank == 0:
             eta = (self.max_steps - step) * step_time
             log.info("step %d/%d  loss %.4f  %s  %.1f samples/s  step %.3fs  ETA %s", step, self.max_steps,

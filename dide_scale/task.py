@@ -12,6 +12,10 @@ it (antialiased bilinear), so teacher token i still covers the region of student
 Label spaces: the teacher's logits are reordered into the student's labels by name
 (``labels.LabelMap``) before they become soft labels; labels the teacher lacks are left
 out of the loss.
+
+Captioning: both models read the student's masked caption under the seq2seq mask and
+predict the masked tokens (``caption_targets``); a captioner's labels are those tokens' ids,
+its soft labels the teacher's distributions over the vocabulary at the same positions.
 """
 from __future__ import annotations
 
@@ -109,6 +113,8 @@ class DistillTask:
         (``rows``: the ITM rows' inputs, negatives included; else the batch itself)."""
         src = rows if rows is not None else b
         kw = {"layers": layers} if layers else {}
+        if self.task == "caption":  # the teacher predicts the student's masked tokens
+            kw["positions"] = b["caption_targets"] >= 0
         return self.teacher(self.teacher_images(src["images"]), src["input_ids"], src["attention_mask"],
                             self.teacher_images(src.get("images2")), capture=capture, **kw)
 
@@ -119,10 +125,9 @@ class DistillTask:
             return losses.itm_listwise_kl(student_logits, teacher_logits, T)
         present = None
         if self.label_map is not None:
-            teacher_logits, present = self.label_map.apply(teacher_logits), self.label_map.present
+            teacher_logits, present = self.label_map.apply(teacher_logits), self.label_map.on(teacher_logits.device)[1]
         if self.task == "vqa":
-            return losses.soft_label_bce(student_logits, teacher_logits, T,
-                                         None if present is None else present.to(student_logits.device))
+            return losses.soft_label_bce(student_logits, teacher_logits, T, present)
         return losses.soft_label_kl(student_logits, teacher_logits, T)
 
     def student_forward(self, b: dict, capture: bool, generator: torch.Generator | None = None,
@@ -133,6 +138,8 @@ class DistillTask:
         it; either way ``rows`` of the output holds them, drawn from ``generator``."""
         model = model or self.student
         kw = {"layers": layers} if layers else {}
+        if self.task == "caption":
+            kw["positions"] = b["caption_targets"] >= 0
         if self.task == "itm" and self.dual:
             kw.update(negatives=self.negatives, generator=generator)
         elif self.task == "itm" and self.student_module.training:
@@ -169,7 +176,7 @@ class DistillTask:
                 parts["attn_mse"] = losses.layer_attention_mse(t.states, s.states, cfg.head_map)
             if self.queue is not None:
                 parts["token_nce"] = self.token_nce(t.states, s.states)
-        if cfg.ground_truth > 0:
+        if cfg.ground_truth > 0:  # a captioner's logits and labels are those of its masked tokens
             parts["ground_truth"] = (losses.vqa_ground_truth(s.logits, labels) if self.task == "vqa"
                                      else F.cross_entropy(s.logits.float(), labels))
         if cfg.itc > 0 and s.embeddings is not None:
@@ -186,13 +193,18 @@ class DistillTask:
         micro-batch; then this micro-batch's teacher tokens (all ranks) join the queue."""
         vals, new = [], [[] for _ in self.t_layers]
         for t, s in zip(teacher_states, student_states, strict=True):
+            rows = losses.valid_rows(s.mask)  # the pass's one host sync: how many tokens are real
             for p, (th, sh) in enumerate(zip(t.hidden, s.hidden, strict=True)):
-                vals.append(losses.token_nce(sh, th, s.mask, self.queue.negatives(p, th), self.cfg.nce_temperature))
-                new[p].append(th[s.mask])
+                vals.append(losses.token_nce(sh, th, s.mask, self.queue.negatives(p, th), self.cfg.nce_temperature,
+                                             rows=rows))
+                new[p].append(th.flatten(0, 1).index_select(0, rows))
         self.queue.push([torch.cat(rows) for rows in new])
         return torch.stack(vals).mean()
 
     def labels(self, b: dict, s) -> torch.Tensor | None:
+        if self.task == "caption":  # the masked tokens' original ids, in the order of the logits
+            t = b["caption_targets"]
+            return t[t >= 0]
         if self.task == "itm":  # rows: B positives then 2B mined negatives
             n = s.logits.shape[0] // 3
             y = torch.zeros(3 * n, dtype=torch.long, device=s.logits.device)

@@ -76,3 +76,28 @@ def put_in_hub_cache(cache, repo_id: str, src) -> Path:
     snap = repo / "snapshots" / commit
     shutil.copytree(src, snap, dirs_exist_ok=True)
     return snap
+
+
+@pytest.fixture(scope="session")
+def partition_all(tmp_path_factory) -> str:
+    """``train.ds_config`` for ZeRO-3 runs that really partition: DeepSpeed keeps every tensor
+    under ``stage3_param_persistence_threshold`` (1e5 elements by default) whole on every rank,
+    and every test model is below it, so without this no parameter would be partitioned."""
+    p = tmp_path_factory.mktemp("ds") / "partition_all.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def itm_teacher(tmp_path_factory):
+    """A tiny ITM fusion teacher (random weights: what is tested is the machinery)."""
+    import torch
+
+    from dide_scale.models.fusion import FusionEncoder
+    from dide_scale.models.saved import save_pretrained
+    from dide_scale.models.student import TowerShape
+    torch.manual_seed(2)
+    d = tmp_path_factory.mktemp("itm") / "teacher"
+    shape = TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128)
+    save_pretrained(FusionEncoder(shape, "itm", 2), d)
+    return d

@@ -23,7 +23,8 @@ with open(os.environ["DIDE_TEST_OUT"] + f".{os.environ['RANK']}", "w") as f:
 """
 
 
-def run_ranks(fn: str, world: int, args: dict, tmp: Path, timeout: int = 600) -> list:
+def spawn_ranks(fn: str, world: int, args: dict, tmp: Path) -> list[subprocess.Popen]:
+    """Start ``fn`` on ``world`` ranks without waiting (``collect`` gathers the results)."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -33,6 +34,15 @@ def run_ranks(fn: str, world: int, args: dict, tmp: Path, timeout: int = 600) ->
                    DIDE_TEST_OUT=str(tmp / "result"))
         procs.append(subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def run_ranks(fn: str, world: int, args: dict, tmp: Path, timeout: int = 600) -> list:
+    return collect(spawn_ranks(fn, world, args, tmp), tmp, timeout)
+
+
+def collect(procs: list[subprocess.Popen], tmp: Path, timeout: int = 600) -> list:
+    """Each rank's returned value, in rank order; a rank that failed raises with its output."""
     outputs = []
     for p in procs:
         try:
@@ -45,4 +55,4 @@ def run_ranks(fn: str, world: int, args: dict, tmp: Path, timeout: int = 600) ->
     for rank, p in enumerate(procs):
         if p.returncode != 0:
             raise RuntimeError(f"rank {rank} exited {p.returncode}:\n{outputs[rank][-5000:]}")
-    return [json.loads((tmp / f"result.{r}").read_text()) for r in range(world)]
+    return [json.loads((tmp / f"result.{r}").read_text()) for r in range(len(procs))]

@@ -1,10 +1,15 @@
-"""A real HTTP server on loopback serving a shard directory, with the faults a web server or
-an object-store gateway shows: going down (connection refused) and coming back on the same
-port, answering 5xx or 404 for chosen files, and hanging without answering."""
+"""A real HTTP server on loopback serving a shard directory, as a web server or an object-store
+gateway does (HEAD, range requests answered with 206), with the faults they show: going down
+(connection refused) and coming back on the same port, answering 5xx or 404 for chosen
+files, hanging without answering, and (``ranges=False``) ignoring range requests as simple
+servers do.  ``bytes_sent`` counts the body bytes it sent; with ``tls=(cert, key)`` it speaks
+https."""
 from __future__ import annotations
 
 import functools
 import http.server
+import re
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -14,7 +19,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_HEAD(self):  # noqa: N802 (http.server's naming)
+        self._answer(body=False)
+
+    def do_GET(self):  # noqa: N802
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
         srv = self.server.owner
         name = self.path.rsplit("/", 1)[-1]
         srv.requests.append(name)
@@ -23,34 +34,54 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if name in srv.status:
             self.send_error(srv.status[name])
             return
-        if srv.throttle_s:  # slow enough that a test can stop the server in mid-transfer
-            path = Path(self.translate_path(self.path))
-            if path.is_file():
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    for i in range(0, len(data), 8192):
-                        if srv.cut.is_set():
-                            return  # the connection drops mid-transfer
-                        self.wfile.write(data[i:i + 8192])
-                        time.sleep(srv.throttle_s)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start, end = 0, len(data)
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")) if srv.ranges else None
+        if m:
+            start, end = int(m.group(1)), min(len(data), int(m.group(2)) + 1 if m.group(2) else len(data))
+            if start >= len(data):
+                self.send_error(416)
                 return
-        super().do_GET()
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(end - start))
+        if srv.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if not body:
+            return
+        try:
+            for i in range(start, end, 8192):
+                if srv.cut.is_set():
+                    return  # the connection drops mid-transfer
+                chunk = data[i:min(end, i + 8192)]
+                self.wfile.write(chunk)
+                with srv.lock:
+                    srv.bytes_sent += len(chunk)
+                if srv.throttle_s:  # slow enough that a test can stop the server in mid-transfer
+                    time.sleep(srv.throttle_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
 
 class ShardServer:
     """``url(name)`` -> http://127.0.0.1:PORT/name for files under ``root``."""
 
-    def __init__(self, root: str | Path, throttle_s: float = 0.0):
+    def __init__(self, root: str | Path, throttle_s: float = 0.0, ranges: bool = True,
+                 tls: tuple[str, str] | None = None):
         self.root = str(root)
-        self.throttle_s = throttle_s
+        self.throttle_s, self.ranges, self.tls = throttle_s, ranges, tls
         self.requests: list[str] = []
         self.status: dict[str, int] = {}
         self.hang, self.hang_released, self.cut = threading.Event(), threading.Event(), threading.Event()
+        self.lock = threading.Lock()
+        self.bytes_sent = 0
         self.port = 0
         self.httpd = None
 
@@ -59,6 +90,10 @@ class ShardServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.cut.clear()
@@ -73,7 +108,7 @@ class ShardServer:
             self.httpd = None
 
     def url(self, name: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/{name}"
 
     def release(self) -> None:
         self.hang.clear()

@@ -2,6 +2,7 @@
 checkpoint, resume at another world size, refusal of files that are not ours."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,31 @@ def test_checkpoint_that_runs_code_on_unpickling_is_refused(tmp_path):
     d = tmp_path / "checkpoints" / "step_00000001"
     d.mkdir(parents=True)
     torch.save({"state": Evil()}, d / "dide_rank00000.pt")
-    with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported"):
-        Checkpointer(tmp_path)._own_state(d)
+    (d / "COMPLETE.json").write_text(json.dumps({"step": 1, "world_size": 1, "files": {
+        "dide_rank00000.pt": (d / "dide_rank00000.pt").stat().st_size}}))
+    problem, state = Checkpointer(tmp_path)._readable(d)  # what every rank does before it resumes
+    assert state is None and re.search("[Ww]eights only|weights_only|Unsupported", problem)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_rank_reads_only_its_own_and_the_shared_files_before_resuming(tmp_path, monkeypatch):
+    """Before a resume each rank checks the files it will load: its own shards and state and
+    the files every rank reads, not the other ranks' (whose number grows with the world size,
+    and so would every rank's stat() and reads)."""
+    from dide_scale import checkpoint
+    d = tmp_path / "checkpoints" / "step_00000005"
+    d.mkdir(parents=True)
+    names = ["mp_rank_00_model_states.pt", *[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)],
+             *[f"dide_rank{r:05d}.pt" for r in range(4)]]
+    for name in names:
+        torch.save({"state": {}}, d / name)
+    (d / "COMPLETE.json").write_text(json.dumps({"step": 5, "world_size": 4, "files": {
+        n: (d / n).stat().st_size for n in names}}))
+    read = []
+    monkeypatch.setattr(checkpoint, "read_through", lambda path, size=None: read.append(path.name))
+    monkeypatch.setattr(checkpoint, "rank", lambda: 2)
+    monkeypatch.setattr(checkpoint, "world_size", lambda: 4)
+    problem, own = checkpoint.Checkpointer(tmp_path)._readable(d)
+    assert problem is None and own == {"state": {}}
+    assert sorted(read) == ["dide_rank00002.pt", "mp_rank_00_model_states.pt",
+                            "zero_pp_rank_2_mp_rank_00_optim_states.pt"]

@@ -49,6 +49,100 @@ def test_rendezvous_ports_stay_below_the_ephemeral_range():
     assert env.master_port == 14242
 
 
+def test_dide_submit_kills_the_step_on_a_bad_exit_and_runs_one_thread_per_rank(tmp_path):
+    """The sbatch script submitit writes for dide-submit: srun --kill-on-bad-exit=1 (one crashed
+    rank ends the step instead of leaving the other GPUs in a collective until its timeout)
+    unless --srun-args says otherwise, and OMP_NUM_THREADS=1 unless the environment sets it."""
+    from dide_scale.launch import submit
+    args = submit.build_parser().parse_args(["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8",
+                                             "--srun-args=--cpu-bind=none"])
+    text = submit.make_executor(args, str(tmp_path))._executor._make_submission_file_text("true", "x")
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun and "--cpu-bind=none" in srun
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" in text.split(srun)[0]
+    assert submit.srun_args("-K0 --mpi=none") == ["-K0", "--mpi=none"]  # the user's own choice stays
+
+
+def test_the_batch_script_forwards_a_warning_but_not_a_termination(tmp_path):
+    """slurm/pretrain.sbatch with a stand-in srun (records the signals it gets, exits 42 on TERM
+    as the trainer does) and scontrol: a USR1 to the batch shell is forwarded and the job
+    requeued; a SIGTERM (SLURM signals the ranks itself) is not forwarded as a USR1, which
+    made rank 0 spend its kill grace on a requeue report, and nothing is requeued."""
+    import signal as sig
+    from pathlib import Path
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        "trap 'echo USR1 >> \"$SIGNALS\"; exit 42' USR1\n"
+        "trap 'echo TERM >> \"$SIGNALS\"; exit 42' TERM\n"
+        "echo $$ > \"$READY\"\n"
+        "for i in $(seq 600); do sleep 0.1; done\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"$@\" >> \"$SCONTROL\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "slurm" / "pretrain.sbatch"
+
+    def run(signal_to_shell, also_to_srun):
+        d = tmp_path / sig.Signals(signal_to_shell).name
+        d.mkdir()
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", DIDE_MASTER_ADDR="node1",
+                   SIGNALS=str(d / "signals"), READY=str(d / "ready"), SCONTROL=str(d / "scontrol"))
+        shell = subprocess.Popen(["bash", str(script), "debug"], env=env, cwd=d, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 30
+        while not (d / "ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        srun_pid = int((d / "ready").read_text())
+        shell.send_signal(signal_to_shell)
+        time.sleep(0.5)  # the trap runs (and forwards, or not)
+        if also_to_srun:
+            os.kill(srun_pid, sig.SIGTERM)  # what SLURM does to every process of the step
+        out, _ = shell.communicate(timeout=30)
+        def read(f):
+            return f.read_text().split() if f.exists() else []
+        return shell.returncode, read(d / "signals"), read(d / "scontrol"), out
+    code, got, scontrol, out = run(sig.SIGUSR1, also_to_srun=False)
+    assert got == ["USR1"] and scontrol == ["requeue", "77"] and code == 0, out
+    code, got, scontrol, out = run(sig.SIGTERM, also_to_srun=True)
+    assert got == ["TERM"] and scontrol == [] and code == 42, out
+    assert "trainer exit code 42 (signals: TERM)" in out
+
+
+def test_one_batch_script_runs_either_command(tmp_path):
+    """slurm/pretrain.sbatch chooses dide-pretrain or dide-finetune by its first argument;
+    slurm/finetune.sbatch, run as sbatch runs it (a copy in another folder), finds
+    pretrain.sbatch through the job's record (scontrol's Command=) and runs it with
+    ``finetune``.  A stand-in srun records the command it starts."""
+    import shutil
+    from pathlib import Path
+    slurm_dir = Path(__file__).resolve().parents[1] / "slurm"
+    bin_dir, spool = tmp_path / "bin", tmp_path / "spool"
+    bin_dir.mkdir()
+    spool.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\necho \"$@\" >> \"$STARTED\"\n")
+    (bin_dir / "scontrol").write_text(  # only `show job -o 77` is asked before srun
+        f"#!/bin/bash\n[ \"$3 $4\" = \"-o 77\" ] && echo 'JobId=77 Command={slurm_dir / 'finetune.sbatch'} W=x'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    shutil.copy(slurm_dir / "finetune.sbatch", spool / "slurm_script")
+
+    def started(script, *args, **env):
+        out = tmp_path / "started"
+        out.unlink(missing_ok=True)
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", DIDE_MASTER_ADDR="node1",
+                   STARTED=str(out), **env)
+        run = subprocess.run(["bash", str(script), *args], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return out.read_text().split(" --unbuffered ")[-1].split()
+
+    assert started(slurm_dir / "pretrain.sbatch", "debug", "a=1") == ["dide-pretrain", "--config", "debug", "a=1"]
+    assert started(slurm_dir / "pretrain.sbatch", "finetune", "debug") == ["dide-finetune", "--config", "debug"]
+    assert started(spool / "slurm_script", "debug", "a=1") == ["dide-finetune", "--config", "debug", "a=1"]
+    assert started(slurm_dir / "pretrain.sbatch", "finetune", "debug", DIDE_CMD="my-trainer --x") == [
+        "my-trainer", "--x", "--config", "debug"]
+
+
 def test_submit_resources_follow_the_data_workers():
     from dide_scale.launch.submit import resources
     args = SimpleNamespace(cpus_per_task=None, mem_gb=None, gpus_per_node=8, tasks_per_node=None)
@@ -79,7 +173,12 @@ def test_reductions_and_accumulation_are_fp32_under_bf16():
     assert ds["communication_data_type"] == "fp32" and ds["data_types"]["grad_accum_dtype"] == "fp32"
     ds = build_ds_config(load_config("debug", ["train.precision=bf16", "train.comm_dtype=bf16"]), 1)
     assert ds["communication_data_type"] == "bf16"
-    assert "data_types" not in ds  # ZeRO-1 accumulates in the model's dtype (see train.grad_accum_dtype)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # ZeRO-1 too (it was left in bf16)
+    # ZeRO-0 cannot accumulate in fp32: refused when it would accumulate, naming the ways out
+    with pytest.raises(ConfigError, match="train.zero_stage=1, or train.grad_accum_dtype=bf16"):
+        build_ds_config(load_config("debug", ["train.precision=bf16", "train.zero_stage=0"]), 1)
+    one = load_config("debug", ["train.precision=bf16", "train.zero_stage=0", "train.global_batch_size=8"])
+    assert "data_types" not in build_ds_config(one, 1)  # one micro-batch per step: nothing accumulates
     assert "communication_data_type" not in build_ds_config(load_config("debug"), 1)  # fp32: nothing to say
     with pytest.raises(ConfigError, match="train.comm_dtype"):
         load_config("debug", ["train.comm_dtype=fp8"])
@@ -168,6 +267,36 @@ def test_a_second_job_on_a_held_directory_is_refused_and_a_killed_holder_is_take
     assert not (run / LEASE).exists()  # released at the end
     record("second_job_refused", seconds_to_refuse=round(refused_s, 2), holder_undisturbed=True)
     record("stale_lease_taken_over", holder="SIGKILLed", resumed_from=step)
+
+
+def test_a_job_that_loses_its_lease_stops_writing_at_once(demo_shards, tmp_path, monkeypatch):
+    """During step 3 another job takes the lease over (this one's renewals had stalled past the
+    TTL, as on a hung filesystem): the run stops before its step-3 checkpoint with exit code 4,
+    writes nothing more and leaves the other job's lease alone.  Before, it only logged it and
+    went on checkpointing into a directory another job owned."""
+    from dide_scale import trainer
+    from dide_scale.train import main
+    run = tmp_path / "run"
+    real = trainer.train_step
+
+    def train_step(engines, task, batches, accum, timed, key=(0, 0, 0)):
+        out = real(engines, task, batches, accum, timed, key)
+        if key[2] == 2:
+            _foreign_lease(run, "node7", 4321, 0)
+            log = run / "logs" / "rank000.log"
+            deadline = time.time() + 60  # the renewal thread (every ttl/3 = 0.5 s) finds it
+            while "lease was taken by another job" not in log.read_text() and time.time() < deadline:
+                time.sleep(0.05)
+        return out
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    code = main(["--config", "debug", *tiny_overrides(demo_shards, run, **{
+        "train.max_steps": 6, "train.save_every": 1, "train.lease_ttl_s": 1.5})])
+    assert code == trainer.LEASE_LOST_EXIT_CODE
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
+    assert json.loads((run / LEASE).read_text())["token"] == "other"  # not released: it is not ours
+    assert not (run / "summary.json").exists()
+    assert "stopping without writing anything more" in (run / "logs" / "rank000.log").read_text()
+    record("lease_lost", exit_code=code, last_checkpoint="step_00000002", checkpoints_after_loss=0)
 
 
 # -- a step's randomness is a function of its key ---------------------------------------------

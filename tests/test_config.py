@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_loads_and_validates(name):
     cfg = load_config(name)
-    assert cfg.train.task in ("itm", "vqa", "nlvr2", "snli_ve")
+    assert cfg.train.task in ("itm", "vqa", "nlvr2", "snli_ve", "caption")
     build_ds_config(cfg, 1)
 
 
@@ -48,6 +48,7 @@ def test_layers_defaults_yaml_overrides():
     ("student.arch.image_size=[30, 32]", "student.arch.image_size"),
     ("loss.attn_t2i=1.0", "teacher.path"),
     ("train.precision=fp8", "train.precision"),
+    ("train.eval_retrieval_k=5", "train.eval_retrieval_k"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
@@ -58,6 +59,13 @@ def test_batch_arithmetic_checked_against_world_size():
     with pytest.raises(ConfigError, match="global_batch_size"):
         load_config("debug", ["train.global_batch_size=16", "train.micro_batch_size=8"], world_size=3)
     assert load_config("debug", [], world_size=2).grad_accum_steps(2) == 1
+    # the shipped presets beyond the world sizes they were written for: the error says what to set,
+    # and what it says fits
+    for name, world in (("finetune_vqa", 16), ("finetune_nlvr2", 32), ("pretrain_b32", 64), ("finetune_vqa", 12)):
+        with pytest.raises(ConfigError, match=r"is not a multiple of .* set train\.") as e:
+            load_config(name, world_size=world)
+        fix = str(e.value).split(": set ")[1].split(" (")[0].split()
+        assert load_config(name, fix, world_size=world).grad_accum_steps(world) >= 1
 
 
 def test_ds_config_conflicts_fail(tmp_path):
@@ -87,6 +95,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("teacher.zero_stage=2", "0, 3"),
     ("loss.head_map=max", "'per_head', 'mean'"),
     ("data.image_resize=crop", "'vilt', 'stretch'"),
+    ("train.eval_retrieval=topk", "'rerank', 'itc', 'itm'"),
 ])
 def test_choice_fields_name_their_choices(override, choices):
     key, value = override.split("=")

@@ -10,7 +10,7 @@ from PIL import Image
 from dide_scale.data import convert as C
 from dide_scale.data.cli import main as cli_main
 from dide_scale.data.pipeline import iter_raw_samples
-from dide_scale.data.shards import read_sizes
+from dide_scale.data.shards import read_offsets, read_sizes
 from dide_scale.data.transforms import Geometry, SampleDecoder
 
 SIZE = Geometry("stretch", 8, 8, 8)  # every image to one 8x8 patch
@@ -91,6 +91,80 @@ def test_coco_without_karpathy_keeps_every_image(coco, tmp_path):
     st = C.convert_coco(coco["anns"], coco["images"], tmp_path / "out", samples_per_shard=100, progress=False)
     assert sorted({m["image_id"] for m in metas(tmp_path / "out")}) == [1, 2, 3, 4, 5, 7]
     assert st["samples"] == 12 and st["skipped"]["missing_image"] == 2
+
+
+def test_coco_evaluation_split_is_written_image_by_image(coco, tmp_path):
+    st = C.convert_coco(coco["anns"], coco["images"], tmp_path / "out", coco["karpathy"], splits=("val", "test"),
+                        samples_per_shard=3, progress=False)
+    assert st["order"] == "image" and [m["image_id"] for m in metas(tmp_path / "out")] == [4, 4, 5, 5]
+
+
+# ---------------------------------------------------------------------------- Flickr30K
+@pytest.fixture
+def flickr(tmp_path):
+    """A hand-made dataset_flickr30k.json: 1000, 2000 (one blank caption), 3000 (a PNG), 6000 (no
+    file) train; 4000 val; 5000 test."""
+    split = {"1000": "train", "2000": "train", "3000": "train", "4000": "val", "5000": "test", "6000": "train"}
+    images = []
+    for n, (stem, sp) in enumerate(split.items()):
+        name = f"{stem}.png" if stem == "3000" else f"{stem}.jpg"
+        if stem != "6000":
+            save_image(tmp_path / "flickr30k-images" / ("sub" if stem == "2000" else "") / name, (40 * n, 9, 9),
+                       "PNG" if stem == "3000" else "JPEG")
+        caps = [f" a photo  {stem} \n number {c} " for c in range(2 if stem in ("3000", "6000") else 5)]
+        if stem == "2000":
+            caps[3] = "   "
+        images.append({"filename": name, "imgid": n, "split": sp, "sentids": list(range(5 * n, 5 * n + len(caps))),
+                       "sentences": [{"raw": c, "tokens": c.split(), "imgid": n, "sentid": 5 * n + i}
+                                     for i, c in enumerate(caps)]})
+    return {"json": write_json(tmp_path / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"}),
+            "images": tmp_path / "flickr30k-images"}
+
+
+def test_flickr30k_keeps_every_caption_of_the_split_images(flickr, tmp_path):
+    out = tmp_path / "train"
+    st = C.convert_flickr30k(flickr["json"], flickr["images"], out, samples_per_shard=4, progress=False)
+    samples = read_out(out)
+    ms = [json.loads(m["json"]) for _, m in samples]
+    assert read_sizes(out) == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 3}
+    assert sorted(k for k, _ in samples) == sorted([f"1000-{c}" for c in range(5)] + ["2000-0", "2000-1", "2000-2",
+                                                                                     "2000-4", "3000-0", "3000-1"])
+    assert st["samples"] == 11 and st["skipped"] == {"empty_caption": 1, "missing_image": 2}
+    assert st["excluded_captions"] == {"val": 5, "test": 5} and st["excluded_images"] == {"val": 1, "test": 1}
+    assert st["order"] == "shuffle" and [m["image_id"] for m in ms] != sorted(m["image_id"] for m in ms)
+    for key, m in samples:
+        meta = json.loads(m["json"])
+        stem, c = key.split("-")
+        assert meta["image_id"] == stem and meta["caption_index"] == int(c) and meta["split"] == "train"
+        assert m["txt"].decode() == meta["caption"] == f"a photo {stem} number {c}"
+        if stem == "1000":  # a JPEG is copied byte for byte; the PNG is re-encoded
+            assert m["jpg"] == (flickr["images"] / "1000.jpg").read_bytes()
+    dec = SampleDecoder("itm", SIZE)({"__key__": samples[0][0], **samples[0][1]})
+    assert dec["image_id"] == samples[0][0].split("-")[0]
+
+
+def test_flickr30k_test_split_image_by_image_and_retrieval_over_it(flickr, tmp_path, capsys):
+    """The held-out splits through the command line: each image's five captions together, and
+    a retrieval evaluation over them counts 2 images and 10 captions."""
+    out = tmp_path / "eval"
+    assert cli_main(["flickr30k", "--karpathy", str(flickr["json"]), "--images", str(flickr["images"]), "--out",
+                     str(out), "--splits", "val,test", "--samples-per-shard", "3", "--no-progress"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["order"] == "image" and st["samples"] == 10 and st["images"] == 2
+    assert [k for k, _ in read_out(out)] == [f"4000-{c}" for c in range(5)] + [f"5000-{c}" for c in range(5)]
+    from dide_scale.config import load_config
+    from dide_scale.data.pipeline import build_loader
+    from dide_scale.evaluate import evaluate_retrieval
+    from dide_scale.models.student import DualEncoder, TowerShape
+    cfg = load_config("debug", ["data.tokenizer=builtin:demo", "train.task=itm", "data.num_workers=0",
+                                f"data.val_shards={out}/{{00000..00003}}.tar", "data.image_resize=stretch",
+                                "data.image_shorter=8", "data.image_longer=8", "student.arch.patch_size=8",
+                                "student.arch.image_size=[8, 8]"])
+    torch.manual_seed(0)
+    model = DualEncoder(TowerShape(width=32, depth=1, heads=2, patch_size=8, image_size=[8, 8], max_text_len=16,
+                                   vocab_size=128), "itm", 2)
+    res = evaluate_retrieval(model, build_loader(cfg, "val", batch_size=4), "rerank", k=16)
+    assert res["n_images"] == 2 and res["n_texts"] == 10 and res["i2t_r@1"] in (0.0, 0.5, 1.0)
 
 
 # ---------------------------------------------------------------------------- resumability
@@ -205,6 +279,10 @@ def i2d(tmp_path):
 def test_img2dataset_validate_in_place(i2d):
     st = C.convert_img2dataset(i2d)
     assert read_sizes(i2d) == {"00000.tar": 5, "00001.tar": 4}  # the truncated shard is left out
+    # and each sample's byte offset: a read from offset k starts with sample k
+    for name, offsets in read_offsets(i2d).items():
+        keys = [r["__key__"] for r in iter_raw_samples(str(i2d / name))]
+        assert [next(iter_raw_samples(str(i2d / name), offset=o))["__key__"] for o in offsets] == keys
     assert list(st["bad_shards"]) == ["00002.tar"] and "end of data" in st["bad_shards"]["00002.tar"]
     assert st["incomplete_samples"] == 1 and st["input_samples"] == 5 + 4 + 2
     assert st["stats_mismatch"] == {"00001.tar": {"stats_successes": 3, "in_tar": 4}}
@@ -363,7 +441,8 @@ def test_snli_ve_labels(tmp_path):
 
 
 # ---------------------------------------------------------------------------- malformed inputs, CLI
-@pytest.mark.parametrize("case", ["coco_keys", "coco_json", "vqa_field", "nlvr2_line", "nlvr2_label", "snli_field"])
+@pytest.mark.parametrize("case", ["coco_keys", "coco_json", "vqa_field", "nlvr2_line", "nlvr2_label", "snli_field",
+                                  "flickr_sentences", "flickr_raw"])
 def test_malformed_inputs_fail_with_a_clear_message(tmp_path, case):
     (tmp_path / "img").mkdir()
     f = tmp_path / "input.json"
@@ -382,6 +461,13 @@ def test_malformed_inputs_fail_with_a_clear_message(tmp_path, case):
     elif case == "nlvr2_label":
         write_json(f, [{"identifier": "dev-1-0-0", "sentence": "s", "label": "maybe"}], lines=True)
         call, want = lambda: C.convert_nlvr2(f, tmp_path / "img", tmp_path / "o"), "is not 'True' or 'False'"
+    elif case == "flickr_sentences":
+        write_json(f, {"images": [{"filename": "1.jpg", "split": "test"}]})
+        call, want = lambda: C.convert_flickr30k(f, tmp_path / "img", tmp_path / "o"), "images[0]: lacks 'sentences'"
+    elif case == "flickr_raw":
+        write_json(f, {"images": [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": "a"}, {"tokens": []}]}]})
+        call, want = (lambda: C.convert_flickr30k(f, tmp_path / "img", tmp_path / "o"),
+                      "images[0].sentences[1]: lacks 'raw'")
     else:
         write_json(f, [{"Flickr30K_ID": "1", "hypothesis": "h", "gold_label": "neutral"}], lines=True)
         call, want = lambda: C.convert_snli_ve(f, tmp_path / "img", tmp_path / "o"), "lacks 'sentence2'"
@@ -421,3 +507,16 @@ def test_resume_without_saved_counts_finds_the_last_key(coco, tmp_path, monkeypa
     (out / C.STATS).unlink()
     C.convert_coco(*args, out, coco["karpathy"], samples_per_shard=2)
     assert read_out(out) == read_out(tmp_path / "full")
+
+
+def test_coco_samples_carry_every_reference_caption_of_their_image(coco, tmp_path):
+    """Captioning evaluation reads an image's references off any one of its samples."""
+    C.convert_coco(coco["anns"], coco["images"], tmp_path / "out", samples_per_shard=100, progress=False)
+    by_image = {}
+    for m in metas(tmp_path / "out"):
+        by_image.setdefault(m["image_id"], set()).add(m["caption"])
+        assert m["caption"] in m["references"]
+    for m in metas(tmp_path / "out"):
+        assert sorted(m["references"]) == sorted(by_image[m["image_id"]])  # the empty caption of 7 left out
+    dec = SampleDecoder("caption", SIZE)(read_out(tmp_path / "out")[0][1] | {"__key__": "k", "__seed__": 3})
+    assert dec["references"] == metas(tmp_path / "out")[0]["references"] and dec["seed"] == 3

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dide_scale.data.demo import ANSWERS, generate_split
 from dide_scale.data.pipeline import ResumableLoader, WdsBatches, expand_sources, iter_raw_samples
-from dide_scale.data.shards import ShardWriter, read_sizes, shard_pattern
+from dide_scale.data.shards import ShardWriter, read_offsets, read_sizes, sample_index, shard_pattern
 from dide_scale.data.transforms import Collate, Geometry, SampleDecoder
 
 GEO = Geometry("vilt", 32, 32, 8)  # the demo's 32x32 scenes: a 4x4 patch grid
@@ -186,3 +186,45 @@ def test_epoch_mode_training_repeats_with_a_new_order_and_resumes(demo_shards):
     resumed = loader()
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert head + take(resumed, 9) == full
+
+
+def test_sample_offsets_start_each_sample_even_behind_extended_headers(tmp_path):
+    """ShardWriter records where each sample starts; a member whose long name needs a pax
+    header (img2dataset's keys can be long) starts at that header, so a read from its offset
+    is a well-formed tar stream beginning with that sample."""
+    long_key = "x" * 120
+    with ShardWriter(tmp_path, samples_per_shard=10) as w:
+        for key in ("a", long_key, "c"):
+            w.write({"__key__": key, "txt": f"caption of {key}", "json": b"{}"})
+    offsets = read_offsets(tmp_path)["00000.tar"]
+    assert offsets == sample_index(tmp_path / "00000.tar")["offsets"] and offsets[0] == 0
+    got = [next(iter_raw_samples(str(tmp_path / "00000.tar"), offset=o)) for o in offsets]
+    assert [r["__key__"] for r in got] == ["a", long_key, "c"]
+    assert got[1]["txt"].decode() == f"caption of {long_key}"
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_an_evaluation_split_with_fewer_shards_than_ranks_is_shared_not_repeated(demo_shards, tmp_path, sized):
+    """One validation shard over 3 ranks: every sample is evaluated by exactly one rank.  With
+    sample counts each rank reads a contiguous third (from its first sample's offset);
+    without, each reads the shard and keeps every third sample.  Before, every rank evaluated
+    all of it, and the summed count was 3 times the split's."""
+    import shutil
+
+    from conftest import tiny_overrides
+
+    from dide_scale.config import load_config
+    from dide_scale.data.pipeline import build_loader
+    val = tmp_path / "val"
+    shutil.copytree(demo_shards / "val", val)
+    if not sized:
+        (val / "sizes.json").unlink()
+    cfg = load_config("debug", tiny_overrides(demo_shards, tmp_path / "run", **{
+        "data.val_shards": f"{val}/00000.tar", "data.num_workers": 1}))
+    whole = [r["__key__"] for r in iter_raw_samples(str(val / "00000.tar"))]
+    shares = [[k for b in build_loader(cfg, "val", r, 3, batch_size=5) for k in b["keys"]] for r in range(3)]
+    assert sorted(sum(shares, [])) == sorted(whole) and len(whole) == 48
+    if sized:
+        assert shares == [whole[:16], whole[16:32], whole[32:]]
+    else:
+        assert shares == [whole[0::3], whole[1::3], whole[2::3]]

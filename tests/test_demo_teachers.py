@@ -50,16 +50,21 @@ def test_shipped_vqa_teacher_is_strong_on_every_question_type():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_from_the_shipped_teachers(tmp_path, capsys):
-    """`dide-demo` at toy sizes: data, the shipped teachers, both students through the Trainer,
+    """`dide-demo --two-stage` at toy sizes: data, the shipped teachers, the three students
+    through the Trainer (the two-stage one initialised from its distilled ITM pre-training),
     the table, the curves, the throughput."""
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--student-steps", "4", "--train-samples", "512", "--val-samples", "256",
-                      "train.log_every=2"]) == 0
+                      "--two-stage", "--pretrain-steps", "2", "train.log_every=2"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["teacher"]["n"] == 256 and res["seeds"] == [0]
     (seed0,) = res["students"]
-    assert {"no_distill", "dide", "throughput"} <= set(seed0)
-    for key in ("no_distill", "dide"):
+    assert {"no_distill", "dide", "two_stage", "throughput"} <= set(seed0)
+    two_stage = yaml.safe_load((out / "seed0" / "two_stage" / "config.yaml").read_text())
+    assert two_stage["student"]["init"] == f"export:{out / 'seed0' / 'two_stage_pre' / 'export'}"
+    pre = yaml.safe_load((out / "seed0" / "two_stage_pre" / "config.yaml").read_text())
+    assert pre["train"]["task"] == "itm" and pre["teacher"]["path"] == str(demo.SHIPPED_TEACHERS / "itm")
+    for key in ("no_distill", "dide", "two_stage"):
         assert [s for s, _ in seed0[key]["curve"]["accuracy"]] == [1, 2, 3, 4]
     dide_cfg = yaml.safe_load((out / "seed0" / "dide" / "config.yaml").read_text())
     assert dide_cfg["teacher"]["path"] == str(demo.SHIPPED_TEACHERS / "vqa")

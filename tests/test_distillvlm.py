@@ -293,8 +293,8 @@ class StopAtStep(StopSignal):
 
     @property
     def received(self):
-        self._asked += 1  # the loop asks once per step
-        return signal.SIGUSR1 if self._asked >= self._step else None
+        self._asked += 1  # the loop asks once per step, before it
+        return signal.SIGUSR1 if self._asked > self._step else None
 
     @received.setter
     def received(self, value):

@@ -38,7 +38,8 @@ def trained(demo_shards, tmp_path_factory):
 
 def run_fresh(code: str, cwd: Path) -> str:
     """``code`` in a new interpreter, elsewhere, with no run directory in sight."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIDE_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    launcher = ("DIDE_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
     res = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout

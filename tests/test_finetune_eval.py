@@ -27,10 +27,23 @@ def pretrained(demo_shards, tmp_path_factory):
     run = root / "run"
     assert pretrain_main(["--config", "debug", *tiny_overrides(demo_shards, run, **{
         "train.task": "itm", "teacher.path": str(root / "teacher"), "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0,
-        "loss.soft_label": 1.0, "loss.ground_truth": 1.0, "loss.itc": 1.0, "data.val_shards": ""})]) == 0
+        "loss.soft_label": 1.0, "loss.ground_truth": 1.0, "loss.itc": 1.0, "train.eval_retrieval_k": 16})]) == 0
     hist = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert all(k in hist[-1] for k in ("loss/itc", "loss/attn_t2i", "loss/soft_label", "loss/ground_truth"))
     return run / "export"
+
+
+def test_pretraining_ends_with_zero_shot_rerank_retrieval(pretrained, demo_shards, capsys):
+    """The dev-split evaluation of ITM pre-training is the deployed protocol: contrastive top
+    train.eval_retrieval_k re-scored by the ITM head; dide-eval on the export agrees."""
+    ev = json.loads((pretrained.parent / "summary.json").read_text())["eval"]
+    assert ev["scorer"] == "rerank" and ev["k"] == 16 and ev["candidates"] == {"t2i": 16, "i2t": 16}
+    assert ev["n_texts"] == ev["n_images"] == 48
+    assert ev["accuracy"] == pytest.approx((ev["t2i_r@1"] + ev["i2t_r@1"]) / 2)
+    assert eval_main(["--model", str(pretrained), "--shards", f"{demo_shards}/val/00000.tar", "--k", "16",
+                      "data.tokenizer=builtin:demo", f"student.arch={TINY_ARCH}"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["scorer"] == "rerank" and {k: res[k] for k in ev["per_type"]} == ev["per_type"]
 
 
 @pytest.mark.parametrize("task, n_cls", [("vqa", 16), ("nlvr2", 2), ("snli_ve", 3)])
@@ -125,7 +138,7 @@ def test_retrieval_counts_each_image_once_when_a_batch_repeats_it():
     assert {k: res[k] for k in want} == want
 
 
-@pytest.mark.parametrize("scorer", ["itm", "itc"])
+@pytest.mark.parametrize("scorer", ["itm", "itc", "rerank"])
 def test_dide_eval_retrieval_on_caption_shards(pretrained, demo_shards, scorer, capsys):
     assert eval_main(["--model", str(pretrained), "--shards", f"{demo_shards}/val/00000.tar", "--retrieval", scorer,
                       "data.tokenizer=builtin:demo", f"student.arch={TINY_ARCH}"]) == 0

@@ -107,6 +107,10 @@ def test_classification_labels_are_reordered_or_refused_by_name():
     with pytest.raises(ValueError, match="teacher.label_names"):
         match_labels(["False", "True"], names_from_id2label({"0": "LABEL_0", "1": "LABEL_1"}), "nlvr2")
     assert isinstance(m, LabelMap)
+    # applied every micro-step: the index reaches the logits' device once, not with every call
+    logits = torch.randn(4, 3)
+    assert torch.equal(m.apply(logits), logits[:, [1, 2, 0]])
+    assert m.on(logits.device)[0] is m.on(logits.device)[0]
 
 
 def test_answers_from_a_teacher_writes_its_order(tmp_path):

@@ -1,5 +1,6 @@
 """TensorBoard: run a few steps and read the event files back with tensorboard's own
 EventAccumulator."""
+import json
 import math
 
 import numpy as np
@@ -52,3 +53,21 @@ def test_tensorboard_has_every_health_signal(demo_shards, tmp_path):
     # config and DeepSpeed config as text at step 0
     text_tags = set(tags["tensors"])
     assert {"config/resolved/text_summary", "config/deepspeed/text_summary"} <= text_tags
+
+
+def test_the_metrics_logger_writes_metrics_jsonl_on_rank_0_only(tmp_path):
+    from dide_scale.metrics import MetricsLogger
+    for rank in (0, 1):
+        run = tmp_path / f"rank{rank}"
+        (run / "logs").mkdir(parents=True)
+        m = MetricsLogger(str(run), rank, 1, 8, 10, 1.0, None, enabled_tb=False)
+        for step in (1, 2):
+            m.add_step({"itc": torch.tensor(0.5)}, torch.tensor(float(step)), {"data_wait": 0.0})
+            out = m.log(step, {"optim/lr": 0.1}, {})
+        jsonl = run / "logs" / "metrics.jsonl"
+        if rank:
+            assert not jsonl.exists()
+            continue
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and rows[-1] == {"step": 2, **out}
+        assert rows[0]["loss/loss"] == 1.0 and rows[0]["loss/itc"] == 0.5 and rows[0]["optim/lr"] == 0.1

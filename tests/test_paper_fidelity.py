@@ -200,6 +200,7 @@ def test_randaugment_is_seeded_by_the_sample_position_and_resumes(demo_shards):
 
 
 @pytest.mark.parametrize("name,on", [("finetune_vqa", True), ("finetune_nlvr2", True), ("finetune_snli_ve", True),
+                                     ("finetune_retrieval_flickr", True), ("finetune_retrieval_coco", True),
                                      ("pretrain_b32", False)])
 def test_randaugment_is_on_in_fine_tuning_presets_only(name, on):
     cfg = load_config(name)

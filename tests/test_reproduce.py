@@ -323,6 +323,8 @@ def test_the_recipe_runs_as_written_from_native_checkpoints_to_answering_student
         elif argv[0] == "dide-eval":
             argv = [shrink(a, work) if "{" in a else a for a in argv]
             evals[argv[argv.index("--model") + 1]] = json.loads(run_inprocess(dide_eval, argv[1:]))
+        elif argv[0] == "dide-export":
+            run_inprocess(export_main, argv[1:])
         elif argv[:3] == ["python", "-m", "dide_scale.export"]:
             run_inprocess(export_main, argv[3:])
         else:

@@ -130,17 +130,18 @@ def assert_resumed_like_reference(run_dir: Path, reference: Path) -> int:
 # -- tests ------------------------------------------------------------------------------
 def test_sbatch_scripts_are_valid_bash():
     for name in ("pretrain.sbatch", "finetune.sbatch"):
-        script = REPO / "slurm" / name
-        subprocess.run(["bash", "-n", str(script)], check=True)
-        text = script.read_text()
-        for directive in ("--requeue", "--signal=B:USR1@", "--open-mode=append"):
-            assert f"#SBATCH {directive}" in text, (name, directive)
-        assert "scontrol requeue" in text and "srun " in text
-    # finetune.sbatch is pretrain.sbatch with another command and name: no drift
-    pre = (REPO / "slurm" / "pretrain.sbatch").read_text().splitlines()
-    fine = (REPO / "slurm" / "finetune.sbatch").read_text().splitlines()
-    assert len(pre) == len(fine)
-    assert all(a == b or ("pretrain" in a and "finetune" in b) for a, b in zip(pre, fine))
+        subprocess.run(["bash", "-n", str(REPO / "slurm" / name)], check=True)
+    pre = (REPO / "slurm" / "pretrain.sbatch").read_text()
+    for directive in ("--requeue", "--signal=B:USR1@", "--open-mode=append"):
+        assert f"#SBATCH {directive}" in pre, directive
+    assert "scontrol requeue" in pre and "srun " in pre
+    # finetune.sbatch is a wrapper of pretrain.sbatch: the same directives (sbatch reads them from
+    # the file it is given) under another job name, then pretrain.sbatch itself
+    fine = (REPO / "slurm" / "finetune.sbatch").read_text()
+    def directives(text):
+        return [line for line in text.splitlines() if line.startswith("#SBATCH") and "--job-name" not in line]
+    assert directives(fine) == directives(pre) and "#SBATCH --job-name=dide-finetune" in fine
+    assert 'exec bash "$HERE/pretrain.sbatch" finetune "$@"' in fine and "srun" not in fine
 
 
 def test_pretrain_sbatch_two_nodes(slurm, reference_run):
@@ -266,3 +267,15 @@ def test_dide_submit_rejects_bad_config_before_submitting(tmp_path, capsys):
     assert rc == 2
     assert "not a multiple" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_dide_submit_reports_an_sbatch_refusal_in_one_line(slurm, job_env, demo_shards, tmp_path):
+    """sbatch refuses the job (an unknown partition): one line with sbatch's own message,
+    not submitit's traceback."""
+    cmd = [str(VENV_BIN / "dide-submit"), "--cluster", "slurm", "--partition", "no-such-partition", "--time", "5",
+           "--config", "debug", *tiny_overrides(demo_shards, tmp_path / "run", **RUN)]
+    proc = subprocess.run(cmd, env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dide-submit: error: the job was not submitted: "), proc.stderr
+    assert "partition" in lines[0].lower()

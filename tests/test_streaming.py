@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import record, tiny_overrides
@@ -76,10 +81,16 @@ def test_http_shards_give_the_local_stream(shards, server, resampled):
 
 
 def test_pipe_shards_give_the_local_stream(shards):
-    """A pipe: source has no sample counts (no sizes.json to read), so its resampled pieces
-    start at the shard's beginning; one ordered pass is the same as the local file's."""
-    local = keys(loader(f"{shards}/00000.tar", resampled=False), 24)
-    assert keys(loader(f"pipe:cat {shards}/00000.tar", resampled=False), 24) == local
+    """A pipe: pattern is brace-expanded into one command per shard (the shell that runs it
+    does not expand braces: every stream read shard 0), and its sizes.json is read through
+    the same command, so its pieces start at the same seeded offsets as local ones: the
+    streams are the local ones."""
+    pattern = f"pipe:cat {shards}/{{00000..00003}}.tar"
+    src = expand_sources(pattern)[0]
+    assert src.urls[3] == f"pipe:cat {shards}/00003.tar" and src.sizes == [24] * 4 and len(src.offsets[2]) == 24
+    for resampled in (True, False):
+        local = keys(loader(f"{shards}/{{00000..00003}}.tar", resampled=resampled), 64)
+        assert keys(loader(pattern, resampled=resampled), 64) == local
     with pytest.raises(SourceUnreadable, match="exited with 1"):
         keys(loader(f"pipe:cat {shards}/missing.tar", policy=ReadPolicy(retries=1, backoff_s=0.0)), 4)
 
@@ -107,15 +118,103 @@ def test_s3_shards_through_a_local_s3_server(shards, monkeypatch):
         srv.stop()
 
 
-def test_resume_over_http_skips_to_the_recorded_offsets(shards, server):
+def test_resume_over_http_starts_at_the_samples_byte_offsets(shards, server):
+    """A resumed stream re-opens its pieces at their next sample's byte (sizes.json's offsets,
+    a range request) instead of reading each shard from its start: the same samples for
+    fewer bytes."""
     pattern = server.url("{00000..00003}.tar")
     full = keys(loader(pattern), 60)
     first = loader(pattern)
     head = keys(first, 20)
     state = json.loads(json.dumps(first.state_dict()))
-    again = loader(pattern)
-    again.load_state_dict(state)
-    assert head + keys(again, 40) == full
+    sent = {}
+    for ranged in (True, False):
+        again = loader(pattern)
+        if not ranged:  # the reader as it was: no offsets, every piece read from the shard's start
+            for s in again.ds.sources:
+                s.offsets = None
+        again.load_state_dict(state)
+        before = server.bytes_sent
+        resumed = keys(again, 4)  # the first batch after the resume
+        sent[ranged] = server.bytes_sent - before
+        assert head + resumed + keys(again, 36) == full
+    assert sent[True] < sent[False]
+
+
+def test_a_server_without_range_requests_gives_the_same_stream(shards):
+    """A web server that answers range requests with the whole file (Python's http.server
+    does): the reader falls back to reading from the start, and the stream is the same."""
+    srv = ShardServer(shards, ranges=False).start()
+    try:
+        pattern = srv.url("{00000..00003}.tar")
+        full = keys(loader(f"{shards}/{{00000..00003}}.tar"), 60)
+        first = loader(pattern)
+        head = keys(first, 20)
+        again = loader(pattern)
+        again.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + keys(again, 40) == full
+    finally:
+        srv.stop()
+
+
+HTTPS_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_streaming import keys, loader
+first = loader(sys.argv[2])
+head = keys(first, 12)
+again = loader(sys.argv[2])
+again.load_state_dict(json.loads(json.dumps(first.state_dict())))
+print(json.dumps(head + keys(again, 28)))
+"""
+
+
+def test_https_shards_go_through_the_same_reader(shards, tmp_path, monkeypatch):
+    """https:// is read by the same fsspec path as http://, s3:// and gs://, with TLS verified
+    against the certificates the process trusts: a process that trusts the server's
+    certificate gets the local stream, also when resumed part-way; one that does not gets an
+    error naming the certificate, not retries."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = ShardServer(shards, tls=(str(cert), str(key))).start()
+    try:
+        pattern = srv.url("{00000..00003}.tar")
+        assert pattern.startswith("https://")
+        out = subprocess.run([sys.executable, "-c", HTTPS_CHILD, str(Path(__file__).parent), pattern],
+                             env=dict(os.environ, SSL_CERT_FILE=str(cert)), capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.splitlines()[-1]) == keys(loader(f"{shards}/{{00000..00003}}.tar"), 40)
+        assert "sizes.json" in srv.requests and any(name.endswith(".tar") for name in srv.requests)
+        from dide_scale.data import remote
+        judged, transient = [], remote.transient
+        monkeypatch.setattr(remote, "transient", lambda e, url: judged.append(transient(e, url)) or judged[-1])
+        with pytest.raises(RuntimeError, match=r"could not read https://.*/sizes.json: .*[Cc]ertificate"):
+            expand_sources(pattern)  # this process trusts only the usual authorities
+        assert judged == [False]  # the first failure was final: no retries
+    finally:
+        srv.stop()
+
+
+def test_a_sizes_json_that_cannot_be_read_fails_naming_it(shards, server, monkeypatch):
+    """A sizes.json that exists but keeps failing (503) is an error naming it, after retries:
+    before, the rank went on without sample counts, reading differently from the others.
+    One that does not exist (404) leaves the counts unknown, as before."""
+    import functools
+
+    from dide_scale.data import remote
+    monkeypatch.setattr(pipeline, "read_json", functools.partial(remote.read_json, backoff_s=0.01))
+    server.status["sizes.json"] = 503
+    with pytest.raises(RuntimeError, match=r"could not read http://.*/sizes.json: ClientResponseError: 503"):
+        expand_sources(server.url("{00000..00003}.tar"))
+    assert server.requests.count("sizes.json") >= 4  # retried (3 times) before giving up
+    server.status["sizes.json"] = 404
+    assert expand_sources(server.url("{00000..00003}.tar"))[0].sizes is None
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -158,17 +257,19 @@ def test_a_shard_that_keeps_failing_is_skipped_and_counted(shards, server):
 def test_a_source_whose_shards_all_fail_ends_the_run_naming_it(shards, server):
     for i in range(4):
         server.status[f"0000{i}.tar"] = 503
-    with pytest.raises(SourceUnreadable, match=r"source '.*' \(4 shards\).*0000\d\.tar with HTTPError: HTTP Error 503"):
+    with pytest.raises(SourceUnreadable, match=r"source '.*' \(4 shards\).*0000\d\.tar with ClientResponseError: 503"):
         keys(loader(server.url("{00000..00003}.tar"), policy=ReadPolicy(retries=1, backoff_s=0.05)), 4)
 
 
 @pytest.mark.slow
 def test_a_server_that_never_answers_trips_the_stall_watchdog(shards, server, tmp_path):
+    # built (its sizes.json read) while the server still answers
+    ld = loader(server.url("{00000..00003}.tar"), workers=1, status_dir=str(tmp_path / "status"), stall=3.0,
+                policy=ReadPolicy(retries=1, backoff_s=0.1, timeout_s=60.0))
     server.hang.set()
     t0 = time.time()
     with pytest.raises(DataStalled) as e:
-        keys(loader(server.url("{00000..00003}.tar"), workers=1, status_dir=str(tmp_path / "status"), stall=3.0,
-                    policy=ReadPolicy(retries=1, backoff_s=0.1, timeout_s=60.0)), 4)
+        keys(ld, 4)
     waited = time.time() - t0
     assert "no batch for 3 s" in str(e.value) and server.url("0000") in str(e.value)
     assert waited < 15
@@ -181,7 +282,7 @@ def test_preflight_names_a_remote_source_that_does_not_answer(shards, server, ca
     argv = ["--config", "debug", *tiny_overrides(shards, "/tmp/never", **{
         "data.train_shards": server.url("{00000..00003}.tar"), "data.val_shards": ""})]
     assert main(argv) == 2
-    assert f"{server.url('00000.tar')} does not answer (HTTPError: HTTP Error 500" in capsys.readouterr().err
+    assert f"{server.url('00000.tar')} does not answer (ClientResponseError: 500" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -243,7 +344,7 @@ def synthetic_shards(monkeypatch):
     """Shards that exist only as sample counts: reading one yields {"__key__": "url#i"}."""
     sizes: dict[str, int] = {}
 
-    def fake(url, timeout_s=None):
+    def fake(url, timeout_s=None, offset=0):
         for i in range(sizes[url]):
             yield {"__key__": f"{url}#{i}", "__url__": url}
     monkeypatch.setattr(pipeline, "iter_raw_samples", fake)

@@ -1,6 +1,7 @@
 """End-to-end: dide-pretrain's main() on tiny data through the real DeepSpeed engine
 (world size 1, gloo) and the webdataset reader."""
 import json
+import os
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(demo_shards, teacher_dir, t
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     batches = iter(build_loader(cfg))
     for _ in range(2):
-        loss, parts, _, _ = train_step(engines, task, batches, cfg.grad_accum_steps(1), timed=False)
+        loss = train_step(engines, task, batches, cfg.grad_accum_steps(1), timed=False).loss
         assert torch.isfinite(loss)
     opt_ids = {id(p) for g in engines.student.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in opt_ids for p in teacher.parameters())
@@ -142,6 +143,24 @@ def test_bf16_with_activation_checkpointing_and_distillation(demo_shards, teache
                      "train.precision=fp16"]) == 2
 
 
+def test_bf16_zero1_accumulates_in_fp32_and_exports_the_fp32_master_weights(demo_shards, tmp_path):
+    """bf16 at ZeRO-1 accumulates its 2 micro-batches per step in fp32 (DeepSpeed's BF16
+    optimizer), and the export consolidates the fp32 master weights from its checkpoint,
+    which DeepSpeed's fp32 consolidation cannot read (through the universal conversion)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    assert main(["--config", "debug", *tiny_overrides(demo_shards, out, **{
+        "train.precision": "bf16", "train.zero_stage": 1, "train.max_steps": 3})]) == 0
+    assert json.loads((out / "ds_config.json").read_text())["data_types"]["grad_accum_dtype"] == "fp32"
+    ckpt = out / "checkpoints" / "step_00000003"
+    assert list(ckpt.glob("bf16_zero_pp_rank_0_*optim_states.pt"))  # the BF16 optimizer's checkpoint
+    exported = load_file(str(out / "export" / "model.safetensors"))
+    bf16 = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for k, v in exported.items():
+        assert v.dtype == torch.float32 and torch.equal(v.bfloat16(), bf16[k]), k  # the masters of those weights
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in exported.values())  # fp32, not bf16 copies
+
+
 def test_only_rank0_of_an_srun_step_reports_the_requeue(monkeypatch):
     """Under srun with KillOnBadExit, a rank exiting 42 first would kill rank 0 mid-teardown
     (the step then ends 143): the other ranks exit 0 and rank 0 exits 42 after a grace."""
@@ -158,3 +177,8 @@ def test_only_rank0_of_an_srun_step_reports_the_requeue(monkeypatch):
     assert train.step_exit_code(3, usr1, step) == 3  # failures are reported by every rank
     assert train.step_exit_code(42, usr1, {**step, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == 42
     assert train.step_exit_code(42, usr1, {}) == 42  # not under srun
+    # a warning after a termination (SLURM's SIGTERM, then a USR1 from elsewhere) is still a termination
+    stop = train.StopSignal()
+    for sig in (term, usr1):
+        os.kill(os.getpid(), sig)
+    assert stop.received == usr1 and stop.terminated

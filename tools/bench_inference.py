@@ -24,8 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_train import IMAGES, PRESETS, synthetic_images  # noqa: E402
+from dide_scale.bench import IMAGES, PRESETS, synthetic_images
 
 
 def main(argv=None) -> int:

@@ -26,30 +26,7 @@ import time
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
-PRESETS = {
-    "debug": dict(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
-    "demo": dict(width=64, depth=3, heads=4, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128),
-    "b32": dict(width=768, depth=12, heads=12, patch_size=32, image_size=[384, 384], max_text_len=40,
-                vocab_size=30522),
-}
-# the images each preset sees: (height, width) of the synthetic photos and data.image_shorter/longer.
-# b32: 4:3 photos at ViLT's geometry, 12 x 16 = 192 real patches in 12 x 19 = 228 slots
-IMAGES = {"debug": ((32, 32), (32, 32)), "demo": ((32, 32), (32, 32)), "b32": ((384, 512), (384, 639))}
-
-
-def data_overrides(preset: str) -> list[str]:
-    shorter, longer = IMAGES[preset][1]
-    return [f"data.image_shorter={shorter}", f"data.image_longer={longer}"]
-
-
-def synthetic_images(preset: str, n: int, g: torch.Generator):
-    """``n`` uint8 images of the preset's photo size as a padded patch batch (ViLT geometry)."""
-    from dide_scale.models.images import images_from_pixels
-    (h, w), (shorter, longer) = IMAGES[preset]
-    p = PRESETS[preset]["patch_size"]
-    slots = (shorter // p) * (longer // p)
-    return images_from_pixels(torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g), p,
-                              max_patches=slots)
+from dide_scale.bench import PRESETS, data_overrides, synthetic_images  # noqa: E402
 
 
 def arch_overrides(prefix: str, arch: dict) -> list[str]:
@@ -98,7 +75,7 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     per_step = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        _, _, times, _ = train_step(engines, task, it, 1, timed=True)
+        times = train_step(engines, task, it, 1, timed=True).times
         engine.synchronize()
         times["total"] = time.perf_counter() - t0
         if i >= warmup:

@@ -3,6 +3,9 @@
 
     python tools/reliability_report.py            # runs pytest on the fault tests, writes the doc
 
+It includes a test that starts a SLURM cluster on localhost: on a shared machine, run it as
+``flock /tmp/slurm.lock python tools/reliability_report.py``.
+
 Each test records its figures (steps lost, seconds to detect, samples skipped) as JSON
 lines through ``conftest.record``; nothing in the table is typed in by hand.
 """
@@ -54,8 +57,21 @@ FAULTS = [
      "the server hangs, SIGUSR1 arrives while the rank waits for its next batch",
      "tests/test_streaming.py::test_a_stop_signal_while_waiting_for_data_checkpoints_and_requeues"),
     ("one_rank_fails_to_load", "One rank cannot read the newest checkpoint",
-     "rank 1's load of step_00000006 fails with ESTALE (2 gloo ranks); rank 0's succeeds",
+     "ZeRO-3 with every parameter partitioned, 2 gloo ranks: rank 1's opens of step_00000006's files fail with "
+     "ESTALE; rank 0's succeed",
      "tests/test_resume.py::test_ranks_resume_from_the_same_checkpoint_when_one_cannot_read_the_newest"),
+    ("stop_while_one_rank_waits", "A stop signal while one rank waits for data",
+     "2 gloo ranks: rank 1's data reader stops answering, rank 0 has its batches; SIGUSR1 to both",
+     "tests/test_resume.py::test_a_stop_signal_while_one_rank_waits_for_data_checkpoints_on_every_rank"),
+    ("conversion_oserror", "Rank 0's universal conversion fails with an OSError",
+     "2 gloo ranks resuming at another world size; the conversion raises OSError (disk quota)",
+     "tests/test_resume.py::test_an_oserror_in_rank0s_universal_conversion_ends_the_others_wait"),
+    ("slow_export", "Exports longer than the collective timeout",
+     "2 gloo ranks, train.collective_timeout_s=15; every export rank 0 runs itself takes 20 s more",
+     "tests/test_resume.py::test_exports_do_not_hold_the_other_ranks_in_a_collective"),
+    ("lease_lost", "The job loses its run-directory lease",
+     "during step 3 another job's lease replaces this one's (its renewals had stalled past the TTL)",
+     "tests/test_cluster.py::test_a_job_that_loses_its_lease_stops_writing_at_once"),
 ]
 STATIC = [
     ("Preemption of a 2-node SLURM job", "`scancel --signal=USR1 --batch` (time-limit warning) and `scontrol requeue` "
@@ -81,6 +97,14 @@ STATIC = [
      "reported (size mismatch with COMPLETE.json) and skipped; resumed from the previous one, same losses"),
     ("Interrupted save", "COMPLETE.json of the newest checkpoint missing",
      "tests/test_checkpoint.py::test_incomplete_checkpoint_is_skipped", "skipped; resumed from the previous one"),
+    ("A sizes.json that cannot be read",
+     "the shard server answers 503 for sizes.json every time (then, separately, 404)",
+     "tests/test_streaming.py::test_a_sizes_json_that_cannot_be_read_fails_naming_it",
+     "retried, then an error naming the URL (before: the rank went on without sample counts, reading differently "
+     "from the others); a missing one leaves the counts unknown, as before"),
+    ("A termination during a stop", "SIGTERM to the batch shell of slurm/pretrain.sbatch, with a stand-in srun",
+     "tests/test_cluster.py::test_the_batch_script_forwards_a_warning_but_not_a_termination",
+     "nothing forwarded to the ranks (SLURM signals them itself) and no requeue; a USR1 is forwarded and requeued"),
 ]
 
 
@@ -125,8 +149,22 @@ def outcome(key: str, r: dict) -> str:
                 f"{r['seconds_hang_to_exit']} "
                 "s after the hang began; relaunched with the server back, the losses equal an undisturbed run's")
     if key == "one_rank_fails_to_load":
-        return (f"both ranks skipped {r['newest']} and resumed from step {r['resumed_from']} together "
-                "(before: one rank would resume alone from another step)")
+        return (f"the ranks agreed before either entered DeepSpeed's load (whose collectives would hold rank 0 "
+                f"while rank 1 voted) and both resumed from step {r['resumed_from']}, skipping {r['newest']}")
+    if key == "stop_while_one_rank_waits":
+        return (f"both ranks checkpointed step {r['checkpoint_step']} and exited {r['exit_codes'][0]} "
+                f"{r['seconds_signal_to_exit']} s after the signal (before: rank 0 sat in the step's gradient "
+                "all-reduce while rank 1 voted on the CPU group, a deadlock until the collective timeout)")
+    if key == "conversion_oserror":
+        return (f"rank 0 left the failure marker and rank 1 stopped waiting after {r['seconds_rank1_waited']} s "
+                f"(before: it polled until its timeout, {r['wait_timeout_s']} s here, 4 hours by default)")
+    if key == "slow_export":
+        return (f"both ranks exited {r['exit_codes'][0]}: new bests exported by a process of rank 0's own while both "
+                "trained on, the final export awaited on the CPU group (before: rank 1 timed out in the next "
+                "collective)")
+    if key == "lease_lost":
+        return (f"exit code {r['exit_code']} before the step-3 checkpoint: nothing written after the loss (newest "
+                f"checkpoint {r['last_checkpoint']}, no summary), the other job's lease left in place")
     return json.dumps(r)
 
 
@@ -173,9 +211,17 @@ def main() -> int:
               "- **One job per run directory**: a lease file created with `link()` and renewed by the holder; a "
               "second job is refused naming the holder; a dead holder's lease (pid gone on this host, not renewed for "
               "`train.lease_ttl_s`, or the same SLURM job requeued) is taken over.",
-              "- **Agreed resume**: the ranks take the newest checkpoint that every one of them can verify and load; "
-              "a world-size change converts it on rank 0 while the others wait on the filesystem.",
-              "- **Remote shards**: a read that fails with a passing error (connection, timeout, HTTP 5xx) is retried "
+              "- **Agreed resume**: the ranks take the newest checkpoint that every one of them can read and load, "
+              "agreeing that every rank read and unpickled its files before any enters DeepSpeed's load; a "
+              "world-size change converts it on rank 0 while the others wait on the filesystem (a failure marker "
+              "ends their wait).",
+              "- **The step's vote**: every rank fetches a step's data before its first collective, then the ranks "
+              "vote on the CPU group (timeout `train.collective_timeout_s`): go, stop (checkpoint the step before), "
+              "a rank's data failed (all stop at once), or the lease was lost (stop without writing).",
+              "- **Exports off the collective path**: new bests are exported by a process of rank 0's own; the other "
+              "ranks wait for the final export with a receive of its own timeout.",
+              "- **Remote shards**: reads start at a sample's byte offset from sizes.json (range requests); a read "
+              "that fails with a passing error (connection, timeout, HTTP 5xx) is retried "
               "from where it stopped with a doubling backoff (`data.read_retries`, counted in `data/retries`); a shard "
               "that keeps failing is skipped and counted; a source whose shards all fail ends the run naming it.",
               "- **Stall watchdog**: the loader waits for each batch in short polls; a stop signal during a wait gives "

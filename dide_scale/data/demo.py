@@ -30,7 +30,6 @@ ANSWERS = ("yes", "no", *COLORS, *SHAPES, *COUNTS)
 QTYPES = ("exist", "color", "shape", "count")
 QTYPE_WEIGHTS = (0.3, 0.25, 0.25, 0.2)
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
-SNLI_LABELS = ("entailment", "neutral", "contradiction")
 NEUTRAL_PROPS = ("heavy", "wooden", "new", "old")
 _WORDS = ("a an the is there what color shape object objects how many are left right of above below in "
           "image images both contain contains exactly one has and , . ? first second no not made "
@@ -89,6 +88,28 @@ def caption(scene: list[Obj]) -> str:
     objs = sorted(scene, key=lambda o: (o.row, o.col))
     names = [f"a {o.size} {o.color} {o.shape}" for o in objs]
     return (" , ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " ."
+
+
+def _listing(objs: list[Obj], sizes: bool = True) -> str:
+    names = [f"a {o.size} {o.color} {o.shape}" if sizes else f"a {o.color} {o.shape}" for o in objs]
+    return " , ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
+def references(scene: list[Obj], rng: random.Random) -> list[str]:
+    """Five captions of a scene, as COCO has five per image: :func:`caption` (objects in
+    reading order) and four paraphrases in the demo's own vocabulary (other openings, other
+    orders, one without sizes).  ``rng`` must be a stream of its own (the scene's stream
+    stays as it is), and picks the orders of the shuffled paraphrases."""
+    rows = sorted(scene, key=lambda o: (o.row, o.col))
+    cols = sorted(scene, key=lambda o: (o.col, o.row))
+    shuffled = rng.sample(rows, len(rows))
+    n = len(scene)
+    there = f"there are {COUNTS[n]} objects in the image" if n > 1 else "there is one object in the image"
+    return [caption(scene),
+            f"there is {_listing(rng.sample(rows, n))} .",
+            f"the image has {_listing(cols)} .",
+            f"{_listing(shuffled)} {'are' if n > 1 else 'is'} in the image .",
+            f"{there} , {_listing(rows, sizes=False)} ."]
 
 
 def _unique(scene, key) -> list[Obj]:
@@ -155,12 +176,15 @@ def snli_hypothesis(scene: list[Obj], rng: random.Random) -> tuple[str, str]:
 
 
 def generate_split(out_dir: str | Path, n: int, seed: int, task: str = "vqa", size: int = 32, grid: int = 4,
-                   samples_per_shard: int = 1000) -> Path:
-    """Write ``n`` samples of ``task`` ('vqa' also carries captions for ITM; 'nlvr2'; 'snli_ve')."""
+                   samples_per_shard: int = 1000, progress: bool = False) -> Path:
+    """Write ``n`` samples of ``task`` ('vqa' also carries captions for ITM; 'nlvr2'; 'snli_ve';
+    'caption': the scene's caption with four paraphrases as its references, drawn from a
+    stream of their own per sample); ``progress`` shows a bar (it draws nothing from ``rng``)."""
+    from tqdm import tqdm
     out = Path(out_dir)
     rng = random.Random(f"dide-demo/{task}/{seed}")
     with ShardWriter(out, samples_per_shard) as w:
-        for i in range(n):
+        for i in tqdm(range(n), desc=str(out), unit=" samples", disable=not progress, leave=True):
             key = f"{i // samples_per_shard:05d}{i % samples_per_shard:04d}"
             scene = make_scene(rng, grid)
             img = jpeg_bytes(render(scene, size, grid, rng))
@@ -178,6 +202,9 @@ def generate_split(out_dir: str | Path, n: int, seed: int, task: str = "vqa", si
             elif task == "snli_ve":
                 hyp, label = snli_hypothesis(scene, rng)
                 w.write(sample(key, img, cap, {"hypothesis": hyp, "label": label, "qtype": label}))
+            elif task == "caption":
+                refs = references(scene, random.Random(f"dide-demo/caption-references/{seed}/{i}"))
+                w.write(sample(key, img, cap, {"image_id": key, "references": refs, "scene": scene_meta}))
             else:
                 raise ValueError(f"unknown demo task {task!r}")
     return out

@@ -16,11 +16,14 @@ continues with exactly the samples an uninterrupted run would have seen.
   workers), so every rank sees the same number of samples per epoch and every stream has
   work, whatever the shard count.
 
-Shards can live anywhere ``data.remote`` opens (local, http(s), s3, gs, ``pipe:``).  A read
-that fails with a passing error is retried from where it stopped (``ReadPolicy``), counted
-in ``data/retries``; a shard that keeps failing is skipped and counted
-(``data/skipped/unreadable_shard``); a source whose shards all fail ends the run with an
-error naming it (:class:`SourceUnreadable`).
+Shards can live anywhere ``data.remote`` opens (local, http(s), s3, gs, ``pipe:``).  Where
+``sizes.json`` holds each sample's byte offset, a piece that starts (or resumes, or is
+retried) at sample k is opened at that sample's byte, by a seek or a range request;
+without offsets the shard is read from its start and the samples before k skipped (read,
+not decoded).  A read that fails with a passing error is retried from where it stopped
+(``ReadPolicy``), counted in ``data/retries``; a shard that keeps failing is skipped and
+counted (``data/skipped/unreadable_shard``); a source whose shards all fail ends the run
+with an error naming it (:class:`SourceUnreadable`).
 
 The DataLoader hands out worker batches round-robin; each batch carries its worker's
 state, and the loader rotates the worker -> logical-stream map on resume so the next
@@ -44,8 +47,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from .remote import READ_TIMEOUT_S, is_local, open_shard, read_json, transient
-from .transforms import SkipSample
+from ..labels import answer_list
+from .remote import READ_TIMEOUT_S, is_local, is_pipe, open_shard, pipe_sibling, probe, read_json, shard_name, transient
+from .shards import SIZES, split_sizes, suggest_pattern
+from .transforms import CaptionMasking, Collate, Geometry, RandAugment, SampleDecoder, SkipSample, load_tokenizer
 
 
 class SourceUnreadable(RuntimeError):
@@ -67,23 +72,38 @@ class Source:
     weight: float
     sizes: list[int] | None = None
     """Samples per shard (the directory's sizes.json), when known."""
+    offsets: list[list[int] | None] | None = None
+    """Per shard, the byte offset of each sample (sizes.json's ``__offsets__``), when known."""
 
 
-def _sizes_of(urls: list[str]) -> list[int] | None:
-    """Sample counts of ``urls`` from the sizes.json beside them (local or remote)."""
-    if any(u.startswith("pipe:") for u in urls):
-        return None
-    by_dir: dict[str, dict | None] = {}
-    out = []
+def _sizes_url(url: str) -> str | None:
+    """Where the sizes.json beside a shard is read from (for ``pipe:``, the same command on
+    it), or None when that cannot be told."""
+    if is_pipe(url):
+        return pipe_sibling(url, SIZES)
+    return f"{url.rsplit('/', 1)[0]}/{SIZES}" if "/" in url else SIZES
+
+
+def _index_of(urls: list[str]) -> tuple[list[int] | None, list[list[int] | None] | None]:
+    """(sample counts, per-sample byte offsets) of ``urls`` from the sizes.json beside them
+    (local, remote or through the ``pipe:`` command); counts None unless every shard has
+    one.  A sizes.json that exists but cannot be read raises (``read_json``): every rank
+    must see the same counts, or their streams would differ."""
+    docs: dict[str, tuple[dict, dict]] = {}
+    sizes, offsets = [], []
     for u in urls:
-        d, name = u.rsplit("/", 1) if "/" in u else (".", u)
-        if d not in by_dir:
-            by_dir[d] = read_json(f"{d}/sizes.json")
-        sizes = by_dir[d]
-        if not isinstance(sizes, dict) or name not in sizes:
-            return None
-        out.append(int(sizes[name]))
-    return out
+        where = _sizes_url(u)
+        if where is None:
+            return None, None
+        if where not in docs:
+            docs[where] = split_sizes(read_json(where))
+        counts, offs = docs[where]
+        name = shard_name(u)
+        if name not in counts:
+            return None, None
+        sizes.append(counts[name])
+        offsets.append(offs.get(name))
+    return sizes, (offsets if any(o is not None for o in offsets) else None)
 
 
 def expand_sources(spec: str, weights: list[float] | None = None) -> list[Source]:
@@ -97,14 +117,33 @@ def expand_sources(spec: str, weights: list[float] | None = None) -> list[Source
         raise ValueError(f"{len(weights)} weights for {len(parts)} sources")
     out = []
     for part, w in zip(parts, weights):
-        urls = list(braceexpand.braceexpand(part)) if not part.startswith("pipe:") else [part]
-        missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {part!r} are missing, "
-                                    f"first: {missing[0]}")
-        name = os.path.basename(os.path.dirname(urls[0])) if not part.startswith("pipe:") else ""
-        out.append(Source(name or part, urls, float(w), _sizes_of(urls)))
+        # pipe: commands are expanded here too: the shell that runs one (sh) does not expand
+        # braces, and one command for every shard would read only the first
+        urls = list(braceexpand.braceexpand(part))
+        check_local_shards(part, urls)
+        name = os.path.basename(os.path.dirname(urls[0])) if not is_pipe(part) else ""
+        out.append(Source(name or part, urls, float(w), *_index_of(urls)))
     return out
+
+
+def check_local_shards(part: str, urls: list[str]) -> None:
+    """Local shards must be files: a folder, a shell glob (not expanded here) or a missing
+    file is refused in one line that shows the brace form naming the shards."""
+    local = [u for u in urls if is_local(u)]
+    folder = next((u for u in local if os.path.isdir(u)), None)
+    if folder is not None:
+        raise ValueError(f"{folder} is a folder, not a shard: name its shards with a brace range, "
+                         f"e.g. {suggest_pattern(folder)}")
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing and any(c in part for c in "*?["):
+        raise FileNotFoundError(f"{part!r}: shell globs are not expanded; name the shards with a brace range, "
+                                f"e.g. {suggest_pattern(os.path.dirname(part) or '.')}")
+    if len(urls) == 1 and missing:
+        raise FileNotFoundError(f"{missing[0]}: no such shard file")
+    if len(missing) == len(urls):
+        raise FileNotFoundError(f"all {len(urls)} shards of {part!r} are missing, first: {missing[0]}")
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {part!r} are missing, first: {missing[0]}")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -117,9 +156,10 @@ def sample_seed(seed: int, rank: int, worker: int, epoch: int, drawn: int) -> in
     return int(_rng(seed, rank, worker, 3, epoch, drawn).integers(2 ** 62))
 
 
-def iter_raw_samples(url: str, timeout_s: float = READ_TIMEOUT_S) -> Iterator[dict]:
-    """Raw samples (suffix -> bytes) of one tar shard, in file order."""
-    stream = open_shard(url, timeout_s)
+def iter_raw_samples(url: str, timeout_s: float = READ_TIMEOUT_S, offset: int = 0) -> Iterator[dict]:
+    """Raw samples (suffix -> bytes) of one tar shard, in file order, from byte ``offset``
+    (a sample's first header)."""
+    stream = open_shard(url, timeout_s, offset)
     try:
         files = ({**d, "__url__": url} for d in tar_file_iterator(stream))
         yield from group_by_keys(files)
@@ -128,11 +168,12 @@ def iter_raw_samples(url: str, timeout_s: float = READ_TIMEOUT_S) -> Iterator[di
 
 
 def read_piece(url: str, start: int, skip: int, length: int | None, size: int | None,
-               timeout_s: float = READ_TIMEOUT_S) -> Iterator[dict]:
+               timeout_s: float = READ_TIMEOUT_S, offsets: list[int] | None = None) -> Iterator[dict]:
     """Samples ``skip, skip + 1, ...`` of a piece of a shard: ``length`` samples from position
     ``start``, wrapping round to the shard's beginning at its end (a shard of ``size``
-    samples read from ``start`` back to ``start``); ``length=None`` reads to the end.
-    Skipped samples are read but not decoded."""
+    samples read from ``start`` back to ``start``); ``length=None`` reads to the end.  With
+    the shard's sample ``offsets`` the read starts at the first sample wanted; without,
+    at the shard's start, and the samples before it are read but not decoded."""
     k = skip
     for first_pass in (True, False):
         if not first_pass and (size is None or length is None or k >= length):
@@ -140,7 +181,9 @@ def read_piece(url: str, start: int, skip: int, length: int | None, size: int | 
         pos = start + k if first_pass else (start + k) - size
         if first_pass and size is not None and pos >= size:
             continue  # already in the wrapped part
-        for i, raw in enumerate(iter_raw_samples(url, timeout_s)):
+        first = pos if offsets is not None and pos < len(offsets) else 0
+        byte = offsets[first] if first else 0
+        for i, raw in enumerate(iter_raw_samples(url, timeout_s, byte), start=first):
             if i < pos:
                 continue
             if length is not None and k >= length:
@@ -196,14 +239,17 @@ class ShardStream:
 
     def __init__(self, sources: list[Source], seed: int, rank: int, world: int, worker: int, workers: int,
                  resampled: bool, open_shards: int, epoch: int = 0, state: dict | None = None,
-                 policy: ReadPolicy = ReadPolicy(), offsets: bool = True, on_open: Callable | None = None):
+                 policy: ReadPolicy = ReadPolicy(), offsets: bool = True, on_open: Callable | None = None,
+                 pieces: list[tuple] | None = None):
         self.sources, self.seed, self.rank, self.worker = sources, seed, rank, worker
         self.resampled, self.k, self.policy, self.offsets = resampled, open_shards, policy, offsets
         self.on_open = on_open
         probs = np.array([s.weight for s in sources], dtype=np.float64)
         self.probs = probs / probs.sum()
         if not resampled:
-            self.pieces = epoch_pieces(sources, seed, epoch, rank * workers + worker, world * workers)
+            stream_id, n_streams = rank * workers + worker, world * workers
+            self.pieces = pieces[stream_id::n_streams] if pieces is not None else \
+                epoch_pieces(sources, seed, epoch, stream_id, n_streams)
         st = state or {}
         self.drawn = st.get("drawn", 0)
         self.picks = st.get("picks", 0)
@@ -231,8 +277,10 @@ class ShardStream:
 
     def _reader(self, slot: dict) -> Iterator[dict]:
         si, ui, start, length = slot["piece"]
-        size = self.sources[si].sizes[ui] if self.sources[si].sizes is not None and self.resampled else None
-        return read_piece(slot["url"], start, slot["read"], length, size, self.policy.timeout_s)
+        src = self.sources[si]
+        size = src.sizes[ui] if src.sizes is not None and self.resampled else None
+        offsets = src.offsets[ui] if src.offsets is not None else None
+        return read_piece(slot["url"], start, slot["read"], length, size, self.policy.timeout_s, offsets)
 
     def _open(self, pick: int, read: int = 0) -> bool:
         piece = self._piece(pick)
@@ -326,8 +374,10 @@ class WdsBatches(IterableDataset):
     def __init__(self, sources: list[Source], decode: Callable, collate: Callable, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1, resampled: bool = True, open_shards: int = 4,
                  num_workers: int = 0, epoch: int = 0, drop_last: bool = True, policy: ReadPolicy = ReadPolicy(),
-                 status_dir: str | None = None, offsets: bool = True):
+                 status_dir: str | None = None, offsets: bool = True, pieces: list[tuple] | None = None,
+                 stride: tuple[int, int] = (0, 1)):
         self.drop_last = drop_last
+        self.pieces, self.stride = pieces, stride  # evaluation shares (eval_split)
         self.sources, self.decode, self.collate = sources, decode, collate
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.resampled, self.open_shards, self.num_workers, self.epoch = resampled, open_shards, num_workers, epoch
@@ -356,7 +406,8 @@ class WdsBatches(IterableDataset):
             os.makedirs(self.status_dir, exist_ok=True)
         stream = ShardStream(self.sources, self.seed, self.rank, self.world, logical, workers, self.resampled,
                              self.open_shards, self.epoch, saved.get("stream"), self.policy, self.offsets,
-                             on_open=lambda urls: self._report(logical, urls))
+                             on_open=lambda urls: self._report(logical, urls), pieces=self.pieces)
+        keep, every = self.stride
         skipped = collections.Counter(saved.get("skipped", {}))
         per_source = collections.Counter(saved.get("per_source", {}))
         retries0 = saved.get("retries", 0)
@@ -368,6 +419,8 @@ class WdsBatches(IterableDataset):
             return {"stream": stream.state(), "skipped": dict(skipped), "per_source": dict(per_source),
                     "retries": retries0 + stream.retries}
         for raw, src in stream:
+            if every > 1 and (stream.drawn - 1) % every != keep:  # another rank's sample: not decoded
+                continue
             raw["__seed__"] = sample_seed(self.seed, self.rank, logical, self.epoch, stream.drawn)
             try:
                 buf.append(self.decode(raw))
@@ -534,33 +587,8 @@ class ResumableLoader:
         self.next_worker, self.batches, self.epoch = sd["next_worker"], sd["batches"], sd.get("epoch", 0)
 
 
-def answer_list(cfg) -> list[str]:
-    """The VQA answer vocabulary of a RunConfig (data.answer_vocab: a JSON list or id -> answer
-    object, or a model directory's id2label; else the demo's answers), checked against
-    data.num_answers."""
-    from .demo import ANSWERS
-    src = cfg.data.answer_vocab
-    if src and os.path.isdir(src):
-        from ..labels import names_from_id2label
-        cfg_file = Path(src) / "config.json"
-        names = names_from_id2label(json.loads(cfg_file.read_text()).get("id2label")) if cfg_file.is_file() else None
-        if not names:
-            raise ValueError(f"data.answer_vocab={src}: a directory without answer names (config.json id2label)")
-        answers = names
-    elif src:
-        from ..labels import read_label_file
-        answers = read_label_file(src, "data.answer_vocab")  # a list, or an id -> answer object (vqa_dict.json)
-    else:
-        answers = list(ANSWERS)
-    if len(answers) != cfg.data.num_answers:
-        raise ValueError(f"data.answer_vocab has {len(answers)} answers but data.num_answers="
-                         f"{cfg.data.num_answers}")
-    return answers
-
-
 def geometry(cfg):
     """The image geometry of a RunConfig (``data.image_*`` and the student's patch size)."""
-    from .transforms import Geometry
     d = cfg.data
     return Geometry(d.image_resize, d.image_shorter, d.image_longer, cfg.student.arch.patch_size)
 
@@ -569,7 +597,6 @@ def check_streams(sources: list[Source], cfg, world: int, train: bool = True) ->
     """Fail before any process starts: a remote source whose first shard does not answer
     (naming the URL), or, in epoch mode, shards without sample counts or too few samples to
     give each of the world size x data.num_workers streams a batch per epoch."""
-    from .remote import is_local, probe
     for s in sources:
         if not is_local(s.urls[0]):
             problem = probe(s.urls[0], min(cfg.data.read_timeout_s, 30.0))
@@ -598,18 +625,19 @@ def read_policy(cfg) -> ReadPolicy:
 
 def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch_size: int | None = None,
                  task: str | None = None, status_dir: str | None = None,
-                 interrupt: Callable[[], bool] | None = None) -> ResumableLoader:
+                 interrupt: Callable[[], bool] | None = None, exclusive: bool = False) -> ResumableLoader:
     """The train loader (resampled or epochs, split over ranks) or the evaluation loader (one
-    ordered pass over this rank's share of the split's shards) of a RunConfig."""
-    from .transforms import Collate, RandAugment, SampleDecoder
+    ordered pass over this rank's share of the split's shards; ``exclusive``: no shard on two
+    ranks, see ``eval_split``) of a RunConfig."""
     task = task or cfg.train.task
+    masking = caption_masking(cfg) if task == "caption" and split == "train" else None
     answers = answer_list(cfg) if task == "vqa" else None
     geo = geometry(cfg)
     d = cfg.data
     augment = RandAugment(d.randaugment_ops, d.randaugment_magnitude) if d.randaugment_ops and split == "train" \
         else None
     decode = SampleDecoder(task, geo, d.max_image_pixels, answers, draft=d.jpeg_draft, augment=augment)
-    collate = Collate(d.tokenizer, cfg.student.arch.max_text_len, geo.max_patches)
+    collate = Collate(d.tokenizer, cfg.student.arch.max_text_len, geo.max_patches, masking)
     bs = batch_size or cfg.train.micro_batch_size
     if split == "train":
         sources = expand_sources(d.train_shards, d.train_weights or None)
@@ -617,17 +645,32 @@ def build_loader(cfg, split: str = "train", rank: int = 0, world: int = 1, batch
                         d.open_shards, d.num_workers, policy=read_policy(cfg), status_dir=status_dir)
         return ResumableLoader(ds, pin_memory=torch.cuda.is_available(), repeat=True,
                                stall_timeout_s=d.stall_timeout_s, interrupt=interrupt)
-    sources = eval_share(expand_sources(d.val_shards), rank, world)
-    ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, 0, 1, False, 1,
-                    min(d.num_workers, sum(len(s.urls) for s in sources)), epoch=-1, drop_last=False,
-                    policy=read_policy(cfg))
+    sources, pieces, stride = eval_split(expand_sources(d.val_shards), rank, world, exclusive)
+    units = len(pieces) if pieces is not None else sum(len(s.urls) for s in sources)
+    ds = WdsBatches(sources, decode, collate, bs, cfg.train.seed, 0, 1, False, 1, min(d.num_workers, units),
+                    epoch=-1, drop_last=False, policy=read_policy(cfg), pieces=pieces, stride=stride)
     return ResumableLoader(ds, stall_timeout_s=d.stall_timeout_s)
 
 
+def eval_split(sources: list[Source], rank: int, world: int, exclusive: bool = False
+               ) -> tuple[list[Source], list[tuple] | None, tuple[int, int]]:
+    """This rank's share of an evaluation split, every sample in exactly one rank's share (the
+    metrics are summed over ranks afterwards): (sources, pieces, stride) for ``WdsBatches``.
+    With at least as many shards as ranks, every ``world``-th shard; with fewer, a
+    contiguous run of about 1/world of the samples (read from its first sample's offset),
+    or, without sample counts, every shard read through and every ``world``-th sample kept.
+    ``exclusive`` (retrieval, whose splits keep an image's captions together in one shard):
+    whole shards only, the ranks past the shard count reading nothing."""
+    if world == 1 or exclusive or sum(len(s.urls) for s in sources) >= world:
+        return eval_share(sources, rank, world), None, (0, 1)
+    if any(s.sizes is None for s in sources):
+        return sources, None, (rank, world)
+    return sources, sample_run(sources, rank, world), (0, 1)
+
+
 def eval_share(sources: list[Source], rank: int, world: int) -> list[Source]:
-    """This rank's shards of an evaluation split: every ``world``-th one (the metrics are summed
-    over ranks afterwards); every shard on every rank when there are fewer shards than ranks."""
-    if world == 1 or sum(len(s.urls) for s in sources) < world:
+    """This rank's shards of an evaluation split: every ``world``-th one."""
+    if world == 1:
         return sources
     out, i = [], 0
     for s in sources:
@@ -635,5 +678,32 @@ def eval_share(sources: list[Source], rank: int, world: int) -> list[Source]:
         i += len(s.urls)
         if keep:
             out.append(Source(s.name, [s.urls[j] for j in keep], s.weight,
-                              None if s.sizes is None else [s.sizes[j] for j in keep]))
+                              None if s.sizes is None else [s.sizes[j] for j in keep],
+                              None if s.offsets is None else [s.offsets[j] for j in keep]))
     return out
+
+
+def sample_run(sources: list[Source], rank: int, world: int) -> list[tuple[int, int, int, int]]:
+    """Rank ``rank``'s contiguous run of the split's samples in order, as pieces (source,
+    shard, start, length): ``world`` runs that differ by at most one sample."""
+    total = sum(sum(s.sizes) for s in sources)
+    lo = rank * (total // world) + min(rank, total % world)
+    hi = lo + total // world + (rank < total % world)
+    pieces, c = [], 0
+    for si, s in enumerate(sources):
+        for ui, n in enumerate(s.sizes):
+            b, e = max(lo, c), min(hi, c + n)
+            if b < e:
+                pieces.append((si, ui, b - c, e - b))
+            c += n
+    return pieces
+
+
+def caption_masking(cfg):
+    """The training split's caption-token masking of a RunConfig (``caption.mask_prob`` /
+    ``caption.max_masked``, the tokenizer's [MASK] and size)."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.mask_token_id is None:
+        raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} has no [MASK] token: masked caption training "
+                         "needs one")
+    return CaptionMasking(cfg.caption.mask_prob, cfg.caption.max_masked, tok.mask_token_id, len(tok))

@@ -21,20 +21,25 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..console import quiet_libraries
 from ..models.images import patchify, raster_coords
+from ..models.sources import TOKENIZER_FILES, resolve_source
+from .demo import write_vocab
+from .shards import SNLI_VE_NAMES
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, cheaper, header-based limit
 # PIL hands numpy a read-only buffer; the tensor is only ever read (resize or collate make
 # the copy that is needed anyway), so sharing it saves a copy per image.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-SNLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
-NLVR2_LABELS = ("False", "True")
+SNLI_LABELS = {name: i for i, name in enumerate(SNLI_VE_NAMES)}
+PREPROCESSOR = "preprocessor_config.json"  # an exported model's image geometry and normalisation
 
 
 def vilt_size(h: int, w: int, shorter: int, longer: int, divisor: int) -> tuple[int, int]:
@@ -92,9 +97,8 @@ def load_tokenizer(name: str):
     files, from the local Hub cache or fetched once), or 'builtin:demo'."""
     from transformers import AutoTokenizer, BertTokenizerFast
 
-    from ..models.sources import TOKENIZER_FILES, resolve_source
+    quiet_libraries()  # an exported folder's config.json would make transformers warn on every load
     if name == "builtin:demo":
-        from .demo import write_vocab
         d = write_vocab(tempfile.mkdtemp(prefix="dide_demo_vocab_"))
         return BertTokenizerFast.from_pretrained(str(d))  # works for transformers 4 and 5
     path = resolve_source(name, "data.tokenizer", TOKENIZER_FILES)
@@ -267,16 +271,61 @@ class SampleDecoder:
             if meta.get("label") not in SNLI_LABELS:
                 raise SkipSample("bad_label")
             out["label"] = SNLI_LABELS[meta["label"]]
+        elif self.task == "caption":
+            out.update(caption_fields(raw, meta, out["key"], seed))
         out["image"] = self.image(img, seed)
         return out
+
+
+def caption_fields(raw: dict, meta: dict, key: str, seed: int) -> dict:
+    """A caption sample's own fields: the caption it trains on (``.txt``), the image it
+    describes (``image_id``: the captions of one image are grouped by it), the image's whole
+    reference list when the sample carries one (json ``references``; else evaluation collects
+    the captions of the image's samples), and its seed (the masking of ``CaptionMasking``)."""
+    refs = meta.get("references")
+    return {"text": decode_text(raw.get("txt")), "image_id": str(meta.get("image_id", key)),
+            "references": [str(r) for r in refs] if isinstance(refs, list) else [], "seed": seed}
+
+
+@dataclass(frozen=True)
+class CaptionMasking:
+    """Oscar's caption-token masking (``CaptionTensorizer``): of a caption's tokens ([CLS] and
+    [SEP] counted), ``round(prob * n)`` are predicted, at least 1 and at most ``max_masked``,
+    chosen among every token but [CLS] ([SEP] included: the model learns where a caption
+    ends); each is replaced by [MASK] with probability 0.8, by a random token of the
+    vocabulary with 0.1, else kept.  Random draws come from the sample's seed, so a resumed
+    run masks every sample as the first did.  Picklable."""
+
+    prob: float
+    max_masked: int
+    mask_id: int
+    vocab_size: int
+
+    def __call__(self, ids: torch.Tensor, valid: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked ids [B, L], targets [B, L]: the original id where a token is predicted, -100
+        elsewhere)."""
+        import random
+        ids, targets = ids.clone(), torch.full_like(ids, -100)
+        for i, (n, seed) in enumerate(zip(valid.sum(1).tolist(), seeds)):
+            rng = random.Random(seed)
+            count = min(max(round(self.prob * n), 1), self.max_masked, n - 1)
+            for pos in rng.sample(range(1, n), count):
+                targets[i, pos] = ids[i, pos]
+                u = rng.random()
+                if u < 0.8:
+                    ids[i, pos] = self.mask_id
+                elif u < 0.9:
+                    ids[i, pos] = rng.randrange(self.vocab_size)
+        return ids, targets
 
 
 class Collate:
     """List of decoded samples -> batch; tokenises the whole batch in one fast-tokenizer call
     and packs every image into ``max_patches`` patch slots."""
 
-    def __init__(self, tokenizer_name: str, max_len: int, max_patches: int):
+    def __init__(self, tokenizer_name: str, max_len: int, max_patches: int, masking: CaptionMasking | None = None):
         self.tokenizer_name, self.max_len, self.max_patches = tokenizer_name, max_len, max_patches
+        self.masking = masking
 
     def __call__(self, samples: list[dict]) -> dict:
         tok = load_tokenizer(self.tokenizer_name)
@@ -295,6 +344,12 @@ class Collate:
             batch["labels"] = torch.stack(lab) if isinstance(lab[0], torch.Tensor) else torch.tensor(lab)
         if "question_id" in samples[0]:
             batch["question_id"] = [s["question_id"] for s in samples]
+        if "references" in samples[0]:
+            batch["references"] = [s["references"] for s in samples]
+            batch["captions"] = [s["text"] for s in samples]
+        if self.masking is not None:
+            batch["input_ids"], batch["caption_targets"] = self.masking(
+                batch["input_ids"], batch["attention_mask"], [s["seed"] for s in samples])
         return batch
 
 
@@ -314,3 +369,29 @@ def check_tokenizers(student_tok, teacher_dir: str | None, teacher_vocab_size: i
         raise ValueError(f"teacher.path={teacher_dir} ships a tokenizer whose vocabulary differs from "
                          "data.tokenizer: attention distillation needs both models to see the same tokens; "
                          f"set data.tokenizer={teacher_dir}")
+
+
+# -- the geometry an exported model records (preprocessor_config.json) --------------------------
+def preprocessor_config(cfg, module) -> dict:
+    """How images reach the model.  transformers' ViltImageProcessor keys are written when they
+    describe the geometry exactly (ViLT's rule with its own cap), so the folder also loads as
+    one; ``dide_geometry`` is what ``Predictor`` reads."""
+    d, p = cfg.data, cfg.student.arch.patch_size
+    norm = getattr(module, "image", module).normalize  # the dual encoder's image tower, or the fusion model
+    out = {"dide_geometry": {"resize": d.image_resize, "shorter": d.image_shorter, "longer": d.image_longer,
+                             "patch": p},
+           "image_mean": norm.mean.tolist(), "image_std": norm.std.tolist(), "jpeg_draft": d.jpeg_draft}
+    if d.image_resize == "vilt" and d.image_longer == int(1333 / 800 * d.image_shorter):
+        out.update({"image_processor_type": "ViltImageProcessor", "do_resize": True,
+                    "size": {"shortest_edge": d.image_shorter}, "size_divisor": p, "resample": 3, "do_rescale": True,
+                    "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": True})
+    return out
+
+
+def read_geometry(model_dir: str | Path):
+    """The ``data.transforms.Geometry`` an exported model was trained with."""
+    f = Path(model_dir) / PREPROCESSOR
+    if not f.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {PREPROCESSOR} (export it again with this version)")
+    g = json.loads(f.read_text())["dide_geometry"]
+    return Geometry(g["resize"], int(g["shorter"]), int(g["longer"]), int(g["patch"]))

@@ -33,6 +33,14 @@ import sys
 import time
 from pathlib import Path
 
+from .. import distributed
+from ..config import ConfigError, load_config
+from ..configdoc import print_config as describe
+from ..configdoc import shipped_configs_help
+from ..console import add_version, quiet_libraries
+from ..lease import LeaseHeld, RunLease
+from ..rundir import move_aside
+
 # SBATCH_* variables that sbatch itself reads would silently win over the script submitit
 # writes: the first four are our defaults instead, and all are removed before submitting.
 SBATCH_OVERRIDING = ("SBATCH_PARTITION", "SBATCH_ACCOUNT", "SBATCH_QOS", "SBATCH_TIMELIMIT", "SBATCH_SIGNAL",
@@ -100,6 +108,13 @@ def _trainer_stop_signal() -> int | None:
     return getattr(owner, "received", None)
 
 
+def _trainer_terminated() -> bool:
+    """Whether the trainer's ``StopSignal`` saw a SIGTERM at any point (a warning signal that
+    came after it does not make it a warning)."""
+    owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(owner, "terminated", False))
+
+
 def _export_local_ranks(env, port: int) -> None:
     """The local executor's tasks as torchrun-style variables (SLURM tasks are srun steps,
     which distributed.detect reads directly)."""
@@ -123,6 +138,7 @@ class TrainJob(_Checkpointable):
         self.local_port = local_port
 
     def __call__(self) -> dict:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its threads (the local executor)
         import submitit
 
         from .. import train
@@ -135,7 +151,7 @@ class TrainJob(_Checkpointable):
         code = train.main(["--config", self.config, *self.overrides])
         if code == train.REQUEUE_EXIT_CODE:
             last = _trainer_stop_signal() or router.last or signal.SIGUSR1
-            if last == signal.SIGTERM:
+            if last == signal.SIGTERM or _trainer_terminated():
                 # SLURM is ending the job (preemption, scancel, scontrol requeue, time limit):
                 # requeueing is SLURM's decision (a cancelled job must stay cancelled).  No
                 # result from any task: a requeued job writes them when it finishes.
@@ -182,13 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     ap = argparse.ArgumentParser(
         prog="dide-submit", description="Submit dide training through submitit (SLURM or this machine).",
-        epilog="Defaults come from SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_TIMELIMIT, "
-               "SBATCH_GPUS_PER_NODE, DIDE_ENV_SETUP, DIDE_SRUN_ARGS.  See docs/CLUSTER.md.")
-    ap.add_argument("--config", default="debug", help="YAML file or shipped config name (default: debug)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults come from SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_TIMELIMIT,\n"
+               "SBATCH_GPUS_PER_NODE, DIDE_ENV_SETUP, DIDE_SRUN_ARGS.  See docs/CLUSTER.md.\n\n"
+               + shipped_configs_help())
+    ap.add_argument("--config", default="debug",
+                    help="YAML file or shipped config name (default: debug; see below)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
     ap.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
                     help="slurm, local (processes on this machine) or auto (slurm when srun exists)")
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     ap.add_argument("--gpus-per-node", type=int, default=None,
                     help="GPUs per node (default: $SBATCH_GPUS_PER_NODE, applied by sbatch itself, or 0)")
     ap.add_argument("--tasks-per-node", type=int, default=None,
@@ -217,7 +236,66 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--folder", default=None,
                     help="submitit folder: pickles and per-task logs (default: <train.output_dir>/submitit)")
     ap.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's summary")
+    ap.add_argument("--start-over", action="store_true",
+                    help="move an earlier run in train.output_dir aside (into its superseded/ folder) now, before "
+                         "submitting, so the job starts from step 0; without it the job resumes, and a changed model "
+                         "shape or task is refused")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print every key with its value (after --config and the overrides, at the job's world size) "
+                         "and its meaning, as YAML that --config takes back, and exit without submitting")
+    ap.add_argument("--skip-preflight", action="store_true",
+                    help="submit without first checking shards, teacher, initialisation, tokenizer and run directory "
+                         "from this host (for data only the compute nodes can see)")
+    add_version(ap)
     return ap
+
+
+def check_before_submitting(args, world: int):
+    """The trainer's own pre-start checks, here, so a job that would fail at once is never
+    queued; with --start-over the earlier run is moved aside now (holding the directory's
+    lease, so a live job there is refused), not in the job: a requeued job must resume.
+    Returns the config; raises with one line."""
+    from .. import train
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    cfg.grad_accum_steps(world)
+    if not args.skip_preflight:
+        train.preflight(cfg, world, start_over=args.start_over)
+    for warning in train.config_warnings(cfg):
+        print(f"dide-submit: warning: {warning}", file=sys.stderr)
+    if args.start_over:
+        lease = RunLease(cfg.train.output_dir, cfg.train.lease_ttl_s).acquire()
+        try:
+            moved = move_aside(cfg.train.output_dir)
+        finally:
+            lease.release()
+        if moved:
+            print(f"started over: the earlier run was moved aside into {moved}")
+    return cfg
+
+
+def print_config(args, world: int) -> int:
+    """--print-config: the job's config, resolved here as the job will resolve it."""
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    print(describe(cfg, " ".join(["dide-submit", "--config", args.config, *args.overrides])), end="")
+    return 0
+
+
+def submit_quietly(ex, job_fn):
+    """``ex.submit``, with a refused submission (sbatch's error, which submitit also prints
+    and wraps in a traceback) raised as one line."""
+    import contextlib
+    import io
+
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            job = ex.submit(job_fn)
+    except (FailedJobError, FailedSubmissionError, OSError) as e:
+        text = (str(e).strip() or err.getvalue().strip() or e.__class__.__name__).splitlines()
+        raise RuntimeError(f"the job was not submitted: {' / '.join(line.strip() for line in text[-3:])}") from None
+    sys.stderr.write(err.getvalue())
+    return job
 
 
 def tasks_per_node(args) -> int:
@@ -232,6 +310,21 @@ def resources(args, num_workers: int) -> tuple[int, float]:
     cpus = args.cpus_per_task or num_workers + 2
     mem = args.mem_gb if args.mem_gb is not None else tasks_per_node(args) * (6.0 + 2.0 * num_workers)
     return cpus, mem
+
+
+# one CPU thread per rank unless the environment says otherwise (what torchrun and the sbatch
+# scripts do): the GPU does the work, and the cores go to the data-loader workers
+OMP_SETUP = "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"
+
+
+def srun_args(extra: str | None) -> list[str]:
+    """The srun flags of the job: ``--kill-on-bad-exit=1`` (one crashed rank ends the step at
+    once instead of leaving every other GPU in a collective until its timeout) unless the
+    user's own flags (``--srun-args``) say otherwise, then theirs."""
+    given = shlex.split(extra or "")
+    if any(a == "-K" or a.startswith(("--kill-on-bad-exit", "-K")) for a in given):
+        return given
+    return ["--kill-on-bad-exit=1", *given]
 
 
 def make_executor(args, folder: str, num_workers: int = 0):
@@ -249,12 +342,13 @@ def make_executor(args, folder: str, num_workers: int = 0):
             os.environ.pop("SBATCH_GPUS_PER_NODE", None)
             params["gpus_per_node"] = args.gpus_per_node or None
         setup = args.setup if args.setup is not None else [s for s in [os.environ.get("DIDE_ENV_SETUP")] if s]
+        setup = [*setup, OMP_SETUP]
         extra = {"requeue": True}
         if args.exclusive:
             extra["exclusive"] = True
         params.update(slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
                       slurm_signal_delay_s=args.signal_delay, slurm_setup=setup,
-                      slurm_srun_args=shlex.split(args.srun_args or ""), slurm_additional_parameters=extra)
+                      slurm_srun_args=srun_args(args.srun_args), slurm_additional_parameters=extra)
         for var in SBATCH_OVERRIDING:
             os.environ.pop(var, None)
     else:
@@ -269,21 +363,25 @@ def make_executor(args, folder: str, num_workers: int = 0):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .. import distributed
-    from ..config import ConfigError, load_config
+    quiet_libraries()
     world = args.nodes * tasks_per_node(args)
-    try:  # fail here, not in the queue: bad keys, batch arithmetic for this world size
-        cfg = load_config(args.config, args.overrides, world_size=world)
-        cfg.grad_accum_steps(world)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    try:  # fail here, not in the queue: bad keys, batch arithmetic for this world size, the preflight
+        if args.print_config:
+            return print_config(args, world)
+        cfg = check_before_submitting(args, world)
+    except (ConfigError, FileNotFoundError, LeaseHeld, RuntimeError, ValueError) as e:
         print(f"dide-submit: error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.train.output_dir).resolve()
     config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
     overrides = [*args.overrides, f"train.output_dir={run_dir}"]  # the job's cwd may differ
-    ex = make_executor(args, args.folder or str(run_dir / "submitit"), cfg.data.num_workers)
-    port = distributed.free_port() if ex.cluster != "slurm" else None
-    job = ex.submit(TrainJob(config, overrides, str(run_dir), port))
+    try:
+        ex = make_executor(args, args.folder or str(run_dir / "submitit"), cfg.data.num_workers)
+        port = distributed.free_port() if ex.cluster != "slurm" else None
+        job = submit_quietly(ex, TrainJob(config, overrides, str(run_dir), port))
+    except RuntimeError as e:
+        print(f"dide-submit: error: {e}", file=sys.stderr)
+        return 2
     cpus, mem = resources(args, cfg.data.num_workers)
     print(f"submitted {ex.cluster} job {job.job_id}: {world} rank(s) on {args.nodes} node(s), {cpus} CPUs per rank, "
           f"{mem:g} GB per node\n"

@@ -40,13 +40,16 @@ class JointStates:
 
     ``q``/``k``: per mapped block, [B, H, N, D]; ``hidden``: per mapped block, the block's
     output [B, N, C] (a student maps it to the teacher's width with its ``distill_proj``);
-    ``mask``: [B, N] bool, True = real token (padded text positions are False).
+    ``mask``: [B, N] bool, True = real token (padded text positions are False);
+    ``attn_mask``: [B, N, N] bool, the keys each query may attend when that is not every
+    real token (a captioner's seq2seq mask), else None.
     """
 
     q: list[torch.Tensor]
     k: list[torch.Tensor]
     hidden: list[torch.Tensor]
     mask: torch.Tensor
+    attn_mask: torch.Tensor | None = None
 
 
 def resolve_layer_map(layer_map: list[list[int]], teacher_depth: int, student_depth: int
@@ -74,14 +77,16 @@ def resolve_layer_map(layer_map: list[list[int]], teacher_depth: int, student_de
 
 
 def cross_log_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """log softmax(q k^T / sqrt(d)) over the *valid* keys, computed in fp32.
+    """log softmax(q k^T / sqrt(d)) over the *valid* keys, computed in fp32.  ``key_mask``:
+    [B, Nk] (the same keys for every query) or [B, Nq, Nk] (per query).
 
     Masked keys get a large finite negative logit (not -inf), so a fully padded row stays
     finite and ``0 * log p`` terms never become NaN.
     """
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], -1e4)
+        km = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+        logits = logits.masked_fill(~km, -1e4)
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -133,19 +138,20 @@ def run_tapped(taps: list, wanted: set[int], fn):
 
 
 def joint_outputs(qks: dict, capture_layer: int | None, text_mask: torch.Tensor, layers: tuple[int, ...],
-                  hidden: list[torch.Tensor], mask: torch.Tensor, image_mask: torch.Tensor
-                  ) -> tuple[CrossQK | None, JointStates | None]:
+                  hidden: list[torch.Tensor], mask: torch.Tensor, image_mask: torch.Tensor,
+                  attn_mask: torch.Tensor | None = None) -> tuple[CrossQK | None, JointStates | None]:
     """What a fusion model's pass over ``[text ; image]`` hands the losses: the CrossQK cut at
     ``capture_layer`` (None: not capturing) and the JointStates of ``layers`` (block outputs
     ``hidden`` in the same order).  ``mask`` covers the joint sequence, ``image_mask`` its
-    image part ([CLS] + patches)."""
+    image part ([CLS] + patches); ``attn_mask`` the per-query keys when the model used more
+    than ``mask`` (see JointStates)."""
     qk = states = None
     if capture_layer is not None:
         q, k = qks[capture_layer]
         nt = text_mask.shape[1]
         qk = CrossQK(q[:, :, :nt], k[:, :, :nt], q[:, :, nt:], k[:, :, nt:], text_mask.bool(), image_mask.bool())
     if layers:
-        states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers], hidden, mask)
+        states = JointStates([qks[i][0] for i in layers], [qks[i][1] for i in layers], hidden, mask, attn_mask)
     return qk, states
 
 

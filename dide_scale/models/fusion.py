@@ -7,15 +7,18 @@ BertEmbeddings, so a ViLT checkpoint maps onto it name by name.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import QKTap, additive_mask, joint_outputs, resolve_layer, run_tapped
+from .blocks import TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
+from .caption import CaptionHead, Generation, additive, seq2seq_mask
 from .hub import Exportable
 from .images import Images, Normalize
 from .output import ModelOutput
-from .student import TowerShape, bert_embeddings, mlp_head, naflex_vit, pooler
 
 
 class FusionEncoder(nn.Module, Exportable):
@@ -31,6 +34,11 @@ class FusionEncoder(nn.Module, Exportable):
     (never the pair itself; a fusion model has no cheap similarity to mine hard negatives
     with), as the dual encoder's rows; ``rows`` holds each row's inputs for the teacher.
     In eval mode (a teacher, or scoring) it scores the rows it is given.
+
+    For ``task='caption'`` the sequence is read under the seq2seq mask of ``models.caption``
+    and the head is an MLM head over the vocabulary: ``positions`` [B, Nt] bool picks the
+    caption slots whose logits are returned ([M, vocab]; all slots [B, Nt, vocab] without it).
+    ``generation`` holds the decoding defaults an export carries.
     """
 
     def __init__(self, shape: TowerShape, task: str, num_classes: int, tap_layer: int = -1):
@@ -45,8 +53,12 @@ class FusionEncoder(nn.Module, Exportable):
         # patch content in every image token and training stalls on a long plateau
         nn.init.trunc_normal_(self.token_type.weight, std=0.02)
         self.vit = naflex_vit(shape)  # its embeds, blocks and final norm; our own joint forward
-        self.pooler = pooler(h)
-        if task == "itm":  # 2-way matching; 1: a ranking score (a retrieval checkpoint's rank_output)
+        self.pooler = pooler(h) if task != "caption" else None  # a captioner reads every text slot, not [CLS]
+        self.generation: Generation | None = None
+        if task == "caption":
+            self.head = CaptionHead(h, shape.vocab_size)
+            self.generation = Generation()
+        elif task == "itm":  # 2-way matching; 1: a ranking score (a retrieval checkpoint's rank_output)
             self.head = nn.Linear(h, num_classes)
         elif task == "nlvr2":
             self.head = mlp_head(2 * h, 2 * h, 2)
@@ -93,9 +105,15 @@ class FusionEncoder(nn.Module, Exportable):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def type_embedding(self, type_id: int, like: torch.Tensor) -> torch.Tensor:
+        """The modality-type vector [1, 1, C], through the embedding module's own call (ZeRO-3
+        gathers a module's parameters when it is called; its weight indexed directly is an
+        empty shard there)."""
+        return self.token_type(torch.full((1, 1), type_id, dtype=torch.long, device=like.device))
+
     def embed_image(self, images: Images, type_id: int) -> torch.Tensor:
         x, _ = self.vit.embeds(self.normalize(images.patches), patch_coord=images.coord, patch_valid=images.valid)
-        return x + self.token_type.weight[type_id]  # [CLS] + patches
+        return x + self.type_embedding(type_id, x)  # [CLS] + patches
 
     def _run_blocks(self, x, add, layers: tuple[int, ...]):
         """The blocks over the joint sequence: (output, {block: its output} for ``layers``)."""
@@ -112,14 +130,18 @@ class FusionEncoder(nn.Module, Exportable):
     def joint(self, images: Images, input_ids, attention_mask, type_id: int = 1, capture: bool = False,
               layers: tuple[int, ...] = ()):
         """(pooled state, CrossQK or None, JointStates or None) of one (text, image) pass."""
-        text = self.text_embeddings(input_ids=input_ids) + self.token_type.weight[0]
+        text = self.text_embeddings(input_ids=input_ids)
+        text = text + self.type_embedding(0, text)
         image = self.embed_image(images, type_id)
         x = torch.cat([text, image], dim=1)
         mask = torch.cat([attention_mask.bool(), images.token_mask()], dim=1)
-        add = additive_mask(mask, x.dtype)
+        allowed = seq2seq_mask(attention_mask, images.token_mask()) if self.task == "caption" else None
+        add = additive_mask(mask, x.dtype) if allowed is None else additive(allowed, x.dtype)
         (x, hidden), qks = run_tapped(self.taps, set(layers) | ({self.tap_layer} if capture else set()),
                                       lambda: self._run_blocks(x, add, layers))
-        pooled = self.pooler(self.vit.norm(x)[:, 0])
+        # what the head reads: the pooled [CLS], or a captioner's every text slot
+        x = self.vit.norm(x)
+        pooled = x[:, : input_ids.shape[1]] if self.pooler is None else self.pooler(x[:, 0])
         h = [hidden[i] for i in layers]
         if layers and self.distill_proj is not None:
             if len(self.distill_proj) != len(layers):
@@ -127,16 +149,30 @@ class FusionEncoder(nn.Module, Exportable):
                                  "projections (loss.layer_map changed since the model was built?)")
             h = [proj(v) for proj, v in zip(self.distill_proj, h)]
         return (pooled, *joint_outputs(qks, self.tap_layer if capture else None, attention_mask, layers, h, mask,
-                                       images.token_mask()))
+                                       images.token_mask(), allowed))
 
     def forward(self, images: Images, input_ids, attention_mask, images2: Images | None = None,
-                capture: bool = False, layers: tuple[int, ...] = ()) -> ModelOutput:
+                capture: bool = False, layers: tuple[int, ...] = (), positions: torch.Tensor | None = None
+                ) -> ModelOutput:
         """Scores the (text, image) rows it is given (ITM training picks its negative rows
-        beforehand, on the training side)."""
+        beforehand, on the training side); a captioner predicts the tokens at ``positions``."""
         pooled, out = joint_passes(self.joint, images, input_ids, attention_mask, images2, capture, layers,
                                    self.task == "nlvr2")
-        out.logits = self.head(pooled)
+        out.logits = self.head(pooled if positions is None else pooled[positions])
         return out
+
+    def export_config(self) -> dict:
+        cfg = super().export_config()
+        if self.generation is not None:
+            cfg["generation"] = dataclasses.asdict(self.generation)
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict, tap_layer: int = -1):
+        model = super().from_config(cfg, tap_layer)
+        if model.generation is not None and "generation" in cfg:
+            model.generation = Generation(**cfg["generation"])
+        return model
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The task head only (optim.head_lr_mult), as ViLT's lr_mult."""

@@ -19,6 +19,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 
+from .blocks import TowerShape
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -45,12 +47,17 @@ from PIL import Image
 from dide_scale.inference import Predictor
 
 predictor = Predictor.from_pretrained("{{ repo_id }}")
-predictor.answer([Image.open("photo.jpg")], ["what is on the table?"])
+{% if task == "caption" %}predictor.caption([Image.open("photo.jpg")])   # beam=, max_length=, length_penalty= override
+```
+
+`Predictor` reads the tokenizer, the image geometry and the decoding defaults (`generation`
+in `config.json`) from this folder.
+{% else %}predictor.answer([Image.open("photo.jpg")], ["what is on the table?"])
 ```
 
 `Predictor` reads the tokenizer and the image geometry from this folder; images are
 encoded once and cached, so further questions about the same image cost one text pass.
-"""
+{% endif %}"""
 
 
 class Exportable(PyTorchModelHubMixin, library_name="dide_scale", tags=["vision-language", "distillation"],
@@ -73,7 +80,6 @@ class Exportable(PyTorchModelHubMixin, library_name="dide_scale", tags=["vision-
     @classmethod
     def from_config(cls, cfg: dict, tap_layer: int = -1):
         """The model an exported ``config.json`` describes (weights not loaded)."""
-        from .student import TowerShape  # student.py builds on this module
         model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
         model.labels = labels_of(cfg)
         return model

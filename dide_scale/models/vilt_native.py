@@ -18,9 +18,9 @@ containers (:data:`PLAIN_CONTAINERS`) are read as the dict or list they are, the
 
 Mapping.  :func:`hf_names` renames a ViLT state dict to transformers' ViLT names (the mapping of
 transformers' ``convert_vilt_original_to_pytorch.py``, heads included); from there
-``weights._canonical_from_vilt`` gives the project's fusion names, so a ViLT checkpoint becomes a
-:class:`~dide_scale.models.fusion.FusionEncoder` that computes what ViLT computes (same blocks,
-LayerNorm eps 1e-6 as ViLT's ViT, BERT's 1e-12 in the text embeddings).
+``weights._canonical_from_vilt`` gives the project's fusion names, so a ViLT checkpoint becomes
+(``weights.fusion_model``) a :class:`~dide_scale.models.fusion.FusionEncoder` that computes what
+ViLT computes (same blocks, LayerNorm eps 1e-6 as ViLT's ViT, BERT's 1e-12 in the text embeddings).
 
 Shapes come from the state dict (width, depth, MLP ratio, patch size, position grid, text
 positions, vocabulary, head sizes); the head count, which a fused ``qkv`` does not show, from
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .student import TowerShape
+from .blocks import TowerShape
 
 # Harmless containers of Lightning and sacred files, read as the plain dict / list they hold.
 PLAIN_CONTAINERS = {
@@ -236,26 +236,3 @@ def task_head(ckpt: ViltCheckpoint, task: str, itm_head: str = "auto") -> tuple[
         raise ValueError(f"train.task='snli_ve' needs a 3-way classifier; {ckpt.path}'s vqa_classifier has "
                          f"{ckpt.num_outputs('vqa')} outputs")
     return head, weights
-
-
-def fusion_model(ckpt: ViltCheckpoint, task: str, itm_head: str = "auto", heads_fallback: int | None = None,
-                 tap_layer: int = -1, labels: list[str] | None = None):
-    """The :class:`FusionEncoder` a ViLT checkpoint describes, with its ``task`` head, in eval mode.
-    A retrieval (``rank_output``) head gives one score per pair: ``num_classes`` 1, ``itm_form``
-    'rank'.  ``labels`` name the head's outputs in order (checked against its size)."""
-    from .fusion import FusionEncoder
-    from .weights import _canonical_from_vilt, three_token_types
-    head, head_sd = task_head(ckpt, task, itm_head)
-    n = ckpt.num_outputs(head)
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"{ckpt.path}: its {task} head has {n} outputs but {len(labels)} label names were given "
-                         "(teacher.label_file / teacher.label_names)")
-    model = FusionEncoder(ckpt.shape(heads_fallback), task, n, tap_layer)
-    model.labels = labels
-    sd = _canonical_from_vilt(hf_names(ckpt.state), ckpt.grid)
-    sd["token_type.weight"] = three_token_types(sd["token_type.weight"])
-    missing, unexpected = model.load_state_dict({**sd, **head_sd}, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt.path}: the weights do not fill a fusion model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model.eval()

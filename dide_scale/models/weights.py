@@ -17,6 +17,7 @@ from .images import conv_to_linear
 from .saved import load_pretrained, read_model_config
 from .sources import split_init
 from .student import DualEncoder
+from .vilt_native import ViltCheckpoint, hf_names, task_head
 
 
 def _vilt_block_map(src: dict, prefix: str, i: int) -> dict:
@@ -114,21 +115,59 @@ def _student_from_fusion_state(fs: dict, student: DualEncoder) -> dict:
     return out
 
 
-def vilt_weights(path: str) -> dict:
+def vilt_weights(path: str, mlm_head: bool = False) -> dict:
     """A ViLT's weights in the project's fusion naming: ``path`` is a transformers ViLT directory
-    or a checkpoint file of dandelin/ViLT's own layout (``models.vilt_native``)."""
+    or a checkpoint file of dandelin/ViLT's own layout (``models.vilt_native``).  ``mlm_head``:
+    also a captioner's head from the checkpoint's MLM head, when it has one."""
     if Path(path).is_file():
-        from .vilt_native import ViltCheckpoint, hf_names
         ck = ViltCheckpoint.read(path)
-        return _canonical_from_vilt(hf_names(ck.state), ck.grid)
-    vcfg = read_model_config(path, ("vilt",))
-    return _canonical_from_vilt(_read_any_weights(path), _vilt_grid(vcfg))
+        src, grid = hf_names(ck.state), ck.grid
+    else:
+        src, grid = _read_any_weights(path), _vilt_grid(read_model_config(path, ("vilt",)))
+    sd = _canonical_from_vilt(src, grid)
+    if mlm_head and "mlm_score.transform.dense.weight" in src:
+        sd.update(_caption_head_from_mlm(src, sd["text_embeddings.word_embeddings.weight"]))
+    return sd
+
+
+def _caption_head_from_mlm(src: dict, word_embeddings: torch.Tensor) -> dict:
+    """ViLT's ``mlm_score`` (transformers' ViltForMaskedLM or dandelin/ViLT's MLMHead) as a
+    ``CaptionHead``; its decoder is tied to the word embeddings where the file omits it, its
+    bias is ``decoder.bias`` (transformers) or ``bias`` (dandelin/ViLT)."""
+    m = "mlm_score."
+    return {"head.transform.0.weight": src[m + "transform.dense.weight"],
+            "head.transform.0.bias": src[m + "transform.dense.bias"],
+            "head.transform.2.weight": src[m + "transform.LayerNorm.weight"],
+            "head.transform.2.bias": src[m + "transform.LayerNorm.bias"],
+            "head.decoder.weight": src.get(m + "decoder.weight", word_embeddings),
+            "head.decoder.bias": src.get(m + "decoder.bias", src.get(m + "bias"))}
 
 
 def three_token_types(table: torch.Tensor) -> torch.Tensor:
     """A modality-type table with a row for NLVR2's second image: ViLT's own rule when it adds
     the NLVR2 head (row 2 starts as a copy of the image row)."""
     return table if table.shape[0] >= 3 else torch.cat([table[:2], table[1:2]])
+
+
+def fusion_model(ckpt: ViltCheckpoint, task: str, itm_head: str = "auto", heads_fallback: int | None = None,
+                 tap_layer: int = -1, labels: list[str] | None = None):
+    """The :class:`FusionEncoder` a ViLT checkpoint describes, with its ``task`` head, in eval mode.
+    A retrieval (``rank_output``) head gives one score per pair: ``num_classes`` 1, ``itm_form``
+    'rank'.  ``labels`` name the head's outputs in order (checked against its size)."""
+    head, head_sd = task_head(ckpt, task, itm_head)
+    n = ckpt.num_outputs(head)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{ckpt.path}: its {task} head has {n} outputs but {len(labels)} label names were given "
+                         "(teacher.label_file / teacher.label_names)")
+    model = FusionEncoder(ckpt.shape(heads_fallback), task, n, tap_layer)
+    model.labels = labels
+    sd = _canonical_from_vilt(hf_names(ckpt.state), ckpt.grid)
+    sd["token_type.weight"] = three_token_types(sd["token_type.weight"])
+    missing, unexpected = model.load_state_dict({**sd, **head_sd}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt.path}: the weights do not fill a fusion model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model.eval()
 
 
 def init_student(student: DualEncoder, spec: str) -> DualEncoder:
@@ -164,14 +203,17 @@ def init_fusion(model: FusionEncoder, spec: str) -> FusionEncoder:
     """``student.init`` of a fusion student: 'random', 'export:DIR' (an exported fusion model; a
     new head when the task or label count differs) or 'vilt:PATH' (a ViLT: transformers directory,
     dandelin/ViLT checkpoint file or Hub id; embeddings, blocks and pooler, the head starts fresh
-    as in ViLT's fine-tuning, the position table resampled to student.arch.image_size)."""
+    as in ViLT's fine-tuning, the position table resampled to student.arch.image_size; a
+    captioner's head from the MLM head when the checkpoint has one)."""
     if spec == "random":
         return model
     kind, path = split_init(spec)
     if kind == "export":
         sd = load_pretrained(path, task=model.task, num_classes=model.num_classes).state_dict()
     elif kind == "vilt":
-        sd = vilt_weights(path)
+        sd = vilt_weights(path, mlm_head=model.task == "caption")
+        if model.pooler is None:  # a captioner reads every text slot, not a pooled [CLS]
+            sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
         sd["token_type.weight"] = three_token_types(sd["token_type.weight"])
         grid = [s // model.shape.patch_size for s in model.shape.image_size]
         sd["vit.embeds.pos_embed"] = resample_table(sd["vit.embeds.pos_embed"], grid)

@@ -1,10 +1,11 @@
-"""COCO captions (+ Karpathy splits) -> one sample per (image, caption) pair."""
+"""COCO captions (+ Karpathy splits) -> one sample per (image, caption) pair; each sample's
+json also lists every caption of its image (``references``), so a captioning evaluation has
+an image's five references whichever of its samples it reads."""
 from __future__ import annotations
 
 import collections
 import functools
 import os
-import random
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from .common import (
     _load_json,
     _need,
     _safe_key,
+    arrange_pairs,
     image_bytes,
     write_shards,
 )
@@ -41,12 +43,15 @@ def karpathy_splits(path: PathLike) -> dict[int, str]:
 
 def convert_coco(ann_json: PathLike | Sequence[PathLike], image_dir: PathLike, out_dir: PathLike,
                  karpathy_json: PathLike | None = None, splits: Sequence[str] = ("train", "restval"),
-                 samples_per_shard: int = 1000, seed: int = 0, progress: bool = True) -> dict:
-    """COCO captions -> one sample per (image, caption) pair, shuffled with ``seed``.
+                 samples_per_shard: int = 1000, seed: int = 0, progress: bool = True,
+                 order: str | None = None) -> dict:
+    """COCO captions -> one sample per (image, caption) pair, shuffled with ``seed`` (or, for
+    evaluation splits, each image's captions together: ``common.arrange_pairs``).
 
     ``ann_json``: one or more official caption files (train2014 and val2014: Karpathy's
     restval images come from val2014). With ``karpathy_json`` only images whose Karpathy
-    split is in ``splits`` are kept. ``image_dir`` is searched recursively by file name.
+    split is in ``splits`` are kept (``("test",)``: the 5K retrieval test split).
+    ``image_dir`` is searched recursively by file name.
     """
     paths = [ann_json] if isinstance(ann_json, (str, os.PathLike)) else list(ann_json)
     images: dict[int, dict] = {}
@@ -81,7 +86,11 @@ def convert_coco(ann_json: PathLike | Sequence[PathLike], image_dir: PathLike, o
     excluded_images = collections.Counter(split_of.get(i, "not_in_split_file") for i in
                                           {int(a["image_id"]) for a in anns} - kept_images) if split_of else {}
     pairs.sort(key=lambda t: (t[0], t[1]))
-    random.Random(seed).shuffle(pairs)
+    references = collections.defaultdict(list)  # every caption of an image, in the order of the pairs
+    for iid, _, a, _ in pairs:
+        if _clean_text(a["caption"]):
+            references[iid].append(_clean_text(a["caption"]))
+    pairs, order = arrange_pairs(pairs, order, splits if split_of is not None else None, seed)
     index = _index_files(image_dir)
 
     def build(iid: int, key: str, a: dict, split: str | None) -> dict:
@@ -91,13 +100,14 @@ def convert_coco(ann_json: PathLike | Sequence[PathLike], image_dir: PathLike, o
         im = images[iid]
         img = image_bytes(index.get(Path(im["file_name"]).name))
         meta = {"image_id": iid, "annotation_id": a.get("id"), "file_name": im["file_name"],
-                "width": im.get("width"), "height": im.get("height"), "split": split}
+                "width": im.get("width"), "height": im.get("height"), "split": split,
+                "references": references[iid]}
         return sample(key, img, cap, meta)
 
     items = ((f"{iid}-{_safe_key(aid)}", functools.partial(build, iid, f"{iid}-{_safe_key(aid)}", a, sp))
              for iid, aid, a, sp in pairs)
     info = {"dataset": "coco", "images": len(kept_images), "pairs": len(pairs),
-            "splits": list(splits) if split_of is not None else "all (no Karpathy file)",
+            "splits": list(splits) if split_of is not None else "all (no Karpathy file)", "order": order,
             "excluded_captions": dict(excluded), "excluded_images": dict(excluded_images)}
     return write_shards(items, out_dir, samples_per_shard, desc="coco", total=len(pairs), info=info,
                         progress=progress)

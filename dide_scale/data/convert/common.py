@@ -5,6 +5,7 @@ import collections
 import io
 import json
 import os
+import random
 import re
 import tarfile
 from pathlib import Path
@@ -19,7 +20,6 @@ from ..shards import ShardWriter, jpeg_bytes, read_sizes
 
 STATS = "convert_stats.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-SNLI_LABELS = ("entailment", "neutral", "contradiction")
 
 PathLike = str | os.PathLike
 Item = tuple[str, Callable[[], dict]]  # (unique key, build the sample; raises Skip)
@@ -123,6 +123,27 @@ def _check_unique(keys: Iterable, source: PathLike, what: str) -> None:
 def _safe_key(s: str) -> str:
     """A webdataset key: no dots (the key ends at the first dot) and no path separators."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(s))
+
+
+PAIR_ORDERS = ("shuffle", "image")
+TRAINING_SPLITS = ("train", "restval")
+
+
+def arrange_pairs(pairs: list, order: str | None, splits: Sequence[str] | None, seed: int) -> tuple[list, str]:
+    """Caption pairs, sorted so that each image's captions are together, put in the order they
+    are written: 'shuffle' (seeded; an image's captions spread over the shards, so in-batch
+    ITM/ITC negatives are not the same image) or 'image' (each image's captions together, so a
+    retrieval evaluation split over ranks embeds each image on one rank). ``None``: 'shuffle'
+    when a training split is kept (or no split file was given), else 'image'.  Returns
+    (pairs, the order used)."""
+    if order is None:
+        order = "shuffle" if splits is None or set(splits) & set(TRAINING_SPLITS) else "image"
+    if order not in PAIR_ORDERS:
+        raise InputError(f"order={order!r}: expected one of {', '.join(PAIR_ORDERS)}")
+    if order == "shuffle":
+        pairs = list(pairs)
+        random.Random(seed).shuffle(pairs)
+    return pairs, order
 
 
 # ---------------------------------------------------------------------------- image bytes

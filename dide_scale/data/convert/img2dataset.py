@@ -3,42 +3,24 @@ from __future__ import annotations
 
 import functools
 import json
-import re
-import tarfile
 from pathlib import Path
 
 from tqdm import tqdm
-from webdataset.tariterators import base_plus_ext
 
-from ..shards import write_sizes
+from ..shards import sample_index, write_sizes
 from .common import InputError, PathLike, Skip, write_shards
 
 
 def scan_tar(path: PathLike) -> dict:
     """Samples of a tar, grouped the way the training reader groups them (headers only).
 
-    Returns ``{"keys": [...], "complete": [...], "error": str | None}``: ``complete`` are
-    the keys with an image and a caption; after a read error the sample being read is dropped.
+    Returns ``{"keys": [...], "complete": [...], "offsets": [...], "error": str | None}``:
+    ``complete`` are the keys with an image and a caption, ``offsets`` where each sample
+    starts; after a read error the sample being read is dropped.
     """
-    groups: list[tuple[str, set]] = []
-    error = None
-    try:
-        with tarfile.open(path) as tf:
-            for m in tf:
-                if not m.isreg() or re.match(r"__[^/]*__($|/)", m.name):
-                    continue
-                key, suffix = base_plus_ext(m.name)
-                if key is None:
-                    continue
-                if not groups or groups[-1][0] != key:
-                    groups.append((key, set()))
-                groups[-1][1].add(suffix.lower())
-    except (tarfile.TarError, OSError, EOFError) as e:
-        error = f"{type(e).__name__}: {e}"
-        if groups:
-            groups.pop()
-    complete = [k for k, s in groups if "txt" in s and s & {"jpg", "jpeg", "png", "webp"}]
-    return {"keys": [k for k, _ in groups], "complete": complete, "error": error}
+    idx = sample_index(path)
+    complete = [k for k, s in zip(idx["keys"], idx["suffixes"]) if "txt" in s and s & {"jpg", "jpeg", "png", "webp"}]
+    return {"keys": idx["keys"], "complete": complete, "offsets": idx["offsets"], "error": idx["error"]}
 
 
 class _TarCursor:
@@ -93,7 +75,8 @@ def convert_img2dataset(in_dir: PathLike, out_dir: PathLike | None = None, sampl
             "incomplete_samples": sum(len(s["keys"]) - len(s["complete"]) for s in scans.values()),
             "bad_shards": bad, "stats_mismatch": mismatch}
     if samples_per_shard is None:
-        write_sizes(src, {t.name: len(s["keys"]) for t, s in scans.items() if not s["error"]})
+        good = {t.name: s for t, s in scans.items() if not s["error"]}
+        write_sizes(src, {k: len(s["keys"]) for k, s in good.items()}, {k: s["offsets"] for k, s in good.items()})
         return {**info, "out": str(src), "samples": sum(len(s["keys"]) for s in scans.values() if not s["error"]),
                 "shards": len(tars) - len(bad)}
 

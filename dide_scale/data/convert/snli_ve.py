@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import functools
 
-from ..shards import sample
+from ..shards import SNLI_VE_NAMES, sample
 from .common import (
-    SNLI_LABELS,
     PathLike,
     Skip,
     _check_unique,
@@ -37,7 +36,7 @@ def convert_snli_ve(data_jsonl: PathLike, image_dir: PathLike, out_dir: PathLike
 
     def build(key: str, ex: dict) -> dict:
         label = ex["gold_label"]
-        if label not in SNLI_LABELS:
+        if label not in SNLI_VE_NAMES:
             raise Skip("bad_label")
         text = _clean_text(ex["sentence2"])
         if not text:
