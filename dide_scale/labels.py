@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +19,8 @@ import torch
 
 from .data.demo import ANSWERS
 from .data.shards import NLVR2_NAMES, SNLI_VE_NAMES
+from .models.hub import names_from_id2label
 from .models.sources import resolve_source
-
-_GENERIC = re.compile(r"^LABEL_\d+$")
 
 
 def student_labels(cfg) -> list[str] | None:
@@ -35,18 +33,6 @@ def student_labels(cfg) -> list[str] | None:
     if task == "nlvr2":
         return list(NLVR2_NAMES)
     return None
-
-
-def names_from_id2label(id2label: dict | None) -> list[str] | None:
-    """``{"0": "net", "1": "pitcher", ...}`` -> names in output order; None when absent or
-    generic (transformers' default ``LABEL_0``, ``LABEL_1``, ...)."""
-    if not id2label:
-        return None
-    items = sorted((int(k), str(v)) for k, v in id2label.items())
-    if [k for k, _ in items] != list(range(len(items))):
-        raise ValueError(f"id2label keys are not 0..{len(items) - 1}")
-    names = [v for _, v in items]
-    return None if all(_GENERIC.match(n) for n in names) else names
 
 
 def read_label_file(path: str, key: str) -> list[str]:

@@ -128,7 +128,8 @@ def teacher_answers(teacher: str) -> list[str]:
     """A VQA teacher's answers in its own output order: a model directory's config.json id2label
     (a local folder or a Hugging Face Hub id), or a JSON file naming them (ViLT's vqa_dict.json,
     which its own .ckpt files go with)."""
-    from ..labels import names_from_id2label, read_label_file
+    from ..labels import read_label_file
+    from ..models.hub import names_from_id2label
     if Path(teacher).is_file():
         return read_label_file(teacher, "--answers-from")
     teacher_dir = resolve_source(teacher, "--answers-from", TOKENIZER_FILES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 
 from .blocks import TowerShape
+
+_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -81,7 +84,7 @@ class Exportable(PyTorchModelHubMixin, library_name="dide_scale", tags=["vision-
     def from_config(cls, cfg: dict, tap_layer: int = -1):
         """The model an exported ``config.json`` describes (weights not loaded)."""
         model = cls(TowerShape(**cfg["shape"]), cfg["task"], cfg["num_classes"], tap_layer)
-        model.labels = labels_of(cfg)
+        model.labels = names_from_id2label(cfg.get("id2label"))
         return model
 
     def exported_state(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
@@ -118,12 +121,17 @@ def read_config(root: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
-def labels_of(cfg: dict) -> list[str] | None:
-    """``id2label`` of a config.json, as the list of names in output order."""
-    id2label = cfg.get("id2label")
+def names_from_id2label(id2label: dict | None) -> list[str] | None:
+    """``{"0": "net", "1": "pitcher", ...}`` (``id2label`` of a config.json, ours or
+    transformers') -> names in output order; None when absent or generic (transformers'
+    default ``LABEL_0``, ``LABEL_1``, ...: they name no class)."""
     if not id2label:
         return None
-    return [str(v) for _, v in sorted((int(k), v) for k, v in id2label.items())]
+    items = sorted((int(k), str(v)) for k, v in id2label.items())
+    if [k for k, _ in items] != list(range(len(items))):
+        raise ValueError(f"id2label keys are not 0..{len(items) - 1}")
+    names = [v for _, v in items]
+    return None if all(_GENERIC_LABEL.match(n) for n in names) else names
 
 
 def load_weights(model, path: Path, where: str, drop_prefix: str | None = None) -> None:
