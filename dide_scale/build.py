@@ -106,7 +106,7 @@ def check_pairing(teacher: nn.Module, cfg) -> None:
     """Fail early when the teacher's tokens or attention cannot be mapped onto the student's.
 
     Visual tokens: every model takes the student's patch grid of each image (a teacher with
-    another patch size gets each patch resampled to its own size, see ``DistillTask``), and
+    another patch size gets each patch resampled to its own size, see ``DistillObjective``), and
     interpolates its position table to that grid, so only square patches are required."""
     s = cfg.student.arch
     t_heads = teacher.num_heads

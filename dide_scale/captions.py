@@ -26,7 +26,7 @@ from .config import CAPTION_METRICS
 from .data.transforms import load_tokenizer
 from .distributed import gather_objects, lockstep_batches, rank, rank0_decides, world_size
 from .models.caption import Generation, SpecialTokens, generate
-from .task import batch_to_device
+from .objective import batch_to_device
 
 file_log = logging.getLogger("dide_scale.file")
 JAVA_HINT = ("the COCO caption metrics run Java (the PTB tokenizer and METEOR): install a Java runtime "

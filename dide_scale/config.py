@@ -266,7 +266,8 @@ class DataConfig:
     """VQA answer vocabulary size."""
     answer_vocab: str = ""
     """VQA answers: a JSON list of answer strings, or a model directory whose config.json
-    id2label lists them (an export, a transformers checkpoint); empty for the demo's."""
+    id2label lists them (an export, a transformers checkpoint).  Required for VQA, except with
+    ``data.tokenizer=builtin:demo``, where empty means the demo's answers."""
 
     def check(self) -> None:
         if self.read_retries < 0 or self.retry_backoff_s < 0 or self.read_timeout_s <= 0 or self.stall_timeout_s < 0:

@@ -23,8 +23,8 @@ from .distributed import gather_objects, lockstep_batches, world_size
 from .inference import DualEncoderInference
 from .labels import answer_list
 from .models.saved import load_pretrained
+from .objective import batch_to_device
 from .retrieval import SCORERS, retrieval_ranks
-from .task import batch_to_device
 
 
 def model_logits(model, b: dict) -> torch.Tensor:

@@ -58,7 +58,8 @@ def read_label_file(path: str, key: str) -> list[str]:
 
 def answer_list(cfg) -> list[str]:
     """The VQA answer vocabulary of a RunConfig (data.answer_vocab: a JSON list or id -> answer
-    object, or a model directory's id2label; else the demo's answers), checked against
+    object, or a model directory's id2label; the demo's answers by default with the demo's
+    tokenizer only), checked against
     data.num_answers."""
     src = cfg.data.answer_vocab
     if src and os.path.isdir(src):
@@ -69,8 +70,12 @@ def answer_list(cfg) -> list[str]:
         answers = names
     elif src:
         answers = read_label_file(src, "data.answer_vocab")  # a list, or an id -> answer object (vqa_dict.json)
-    else:
+    elif cfg.data.tokenizer == "builtin:demo":  # the demo's answers go with the demo's tokenizer only
         answers = list(ANSWERS)
+    else:
+        raise ValueError(f"train.task=vqa needs data.answer_vocab (a JSON list of answers, an id -> answer object "
+                         f"such as ViLT's vqa_dict.json, or a model directory with id2label); only "
+                         f"data.tokenizer=builtin:demo has default answers (the demo's), not {cfg.data.tokenizer}")
     if len(answers) != cfg.data.num_answers:
         raise ValueError(f"data.answer_vocab has {len(answers)} answers but data.num_answers="
                          f"{cfg.data.num_answers}")

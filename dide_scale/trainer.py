@@ -43,8 +43,8 @@ from .lease import LeaseLost
 from .metrics import MetricsLogger, attention_figure, model_flops_per_sample, peak_flops
 from .models.attention import t2i_i2t
 from .models.images import unpatchify
+from .objective import DistillObjective, batch_to_device
 from .rng import GlobalRng, seed_all, step_rng, step_seed
-from .task import DistillTask, batch_to_device
 
 log = logging.getLogger("dide_scale")
 
@@ -120,7 +120,7 @@ class StepResult:
     scalars: dict[str, torch.Tensor]  # data/patch_fill (real patches / patch slots) and the model's own stats
 
 
-def train_step(engines, task, batches, accum: int, timed: bool, key: tuple = (0, 0, 0)) -> StepResult:
+def train_step(engines, objective, batches, accum: int, timed: bool, key: tuple = (0, 0, 0)) -> StepResult:
     """One optimizer step = ``accum`` micro-batches.  ``key`` = (seed, rank, step): every random
     draw of micro-batch i comes from ``rng.step_seed(*key, i)``, so a resumed run repeats the
     steps exactly."""
@@ -135,7 +135,7 @@ def train_step(engines, task, batches, accum: int, timed: bool, key: tuple = (0,
         times["data_wait"] += time.perf_counter() - t0
         fill = fill + b["images"].valid.float().mean()  # real patches / patch slots (no sync)
         with step_rng(step_seed(*key, micro), engines.device) as gen:
-            out = task.training_forward(b, timed=timed, generator=gen)
+            out = objective.training_forward(b, timed=timed, generator=gen)
             for k in ("teacher_forward", "student_forward"):
                 times[k] += out.timings.get(k, 0.0)
             t1 = time.perf_counter()
@@ -373,15 +373,15 @@ class Trainer:
         self.metrics = MetricsLogger(str(self.run_dir), env.rank, env.world_size, cfg.train.global_batch_size,
                                      cfg.train.max_steps, flops["total"], peak_flops(cfg.train.peak_tflops))
         self.label_map = label_map_for(cfg) if teacher is not None else None
-        self.task = DistillTask(self.engines.student, self.engines.teacher, cfg.loss, cfg.train.task,
+        self.objective = DistillObjective(self.engines.student, self.engines.teacher, cfg.loss, cfg.train.task,
                                 sync=eng_mod.synchronize, label_map=self.label_map).train()
         self.probe = probe_batch(cfg, self.engines) if cfg.train.probe_every and teacher is not None \
             and cfg.loss.attn_t2i + cfg.loss.attn_i2t > 0 else None
         self.evaluator = Evaluator(cfg, self.engines, self.metrics, control)
         self.best = BestSelector(cfg, env.is_main, control)
         parts = {"train": self.state, "data": self.data, "rng": self.rng, "best": self.best}
-        if self.task.queue is not None:
-            parts["token_queue"] = self.task.queue
+        if self.objective.queue is not None:
+            parts["token_queue"] = self.objective.queue
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.engines.student, parts,
                                          cfg.to_dict(), control, lost=lambda: lease.lost if lease else None)
         self.best.exports = self.exports = BackgroundExport(self.run_dir, self.checkpointer)
@@ -453,7 +453,7 @@ class Trainer:
         streak, metrics, probe."""
         st, cfg = self.state, self.cfg.train
         log_now = (st.step + 1) % cfg.log_every == 0 or st.step + 1 == cfg.max_steps
-        res = train_step(self.engines, self.task, iter(micro), self.accum, timed=log_now,
+        res = train_step(self.engines, self.objective, iter(micro), self.accum, timed=log_now,
                          key=(cfg.seed, self.env.rank, st.step))
         res.times["data_wait"] += waited_s
         self.data.mark()
@@ -467,7 +467,7 @@ class Trainer:
         if log_now:
             self.log_step(skipped)
         if self.probe is not None and (st.step % cfg.probe_every == 0 or st.step == 1):
-            log_attention_probe(self.task, self.engines, self.probe, self.metrics, st.step, self.cfg)
+            log_attention_probe(self.objective, self.engines, self.probe, self.metrics, st.step, self.cfg)
 
     def due(self, every: int) -> bool:
         """Whether a periodic action falls on this step (the last step has its own, in ``finish``)."""
@@ -575,7 +575,7 @@ def probe_batch(cfg, engines) -> dict:
 
 
 @torch.no_grad()
-def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None:
+def log_attention_probe(objective, engines, b: dict, metrics, step: int, cfg) -> None:
     """Teacher vs student t2i / i2t attention of probe sample 0 as TensorBoard images.
 
     Every rank runs the forwards (ZeRO-3 gathers parameters collectively); rank 0 draws."""
@@ -583,9 +583,9 @@ def log_attention_probe(task, engines, b: dict, metrics, step: int, cfg) -> None
     was = module.training
     module.eval()
     gen = torch.Generator(device=b["input_ids"].device).manual_seed(cfg.train.seed)  # the same negatives every time
-    s = task.student_forward(b, capture=True, generator=gen, model=module)
+    s = objective.student_forward(b, capture=True, generator=gen, model=module)
     module.train(was)
-    t_qk = task.teacher_forward(b, s.rows, capture=True).qk
+    t_qk = objective.teacher_forward(b, s.rows, capture=True).qk
     if metrics.writer is None:
         return
     n_txt = int(b["attention_mask"][0].sum())

@@ -234,7 +234,7 @@ def test_attention_mse_under_the_seq2seq_mask_counts_only_the_attention_a_positi
 
 def test_the_caption_task_distils_the_masked_tokens_and_the_mask_restricted_attention():
     from dide_scale.config import LossConfig
-    from dide_scale.task import DistillTask
+    from dide_scale.objective import DistillObjective
     torch.manual_seed(0)
     teacher, student = FusionEncoder(TEACHER, "caption", 128).eval(), FusionEncoder(SHAPE, "caption", 128)
     student.add_distill_projections(2, 32)
@@ -244,13 +244,13 @@ def test_the_caption_task_distils_the_masked_tokens_and_the_mask_restricted_atte
     targets = torch.full_like(ids, -100)
     targets[:, [2, 5]] = ids[:, [2, 5]]
     b = {"images": images(3), "input_ids": ids, "attention_mask": mask, "caption_targets": targets}
-    task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0, ground_truth=1.0,
+    obj = DistillObjective(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0, ground_truth=1.0,
                                                     attn_mse=1.0, token_nce=1.0), "caption")
-    out = task.training_forward(b)
+    out = obj.training_forward(b)
     assert out.logits.shape == (6, 128) and torch.equal(out.labels, ids[:, [2, 5]].flatten())
     assert set(out.parts) == {"soft_label", "ground_truth", "attn_mse", "token_nce"}
     assert all(torch.isfinite(v) for v in out.parts.values())
-    s = task.student_forward(b, False, layers=task.s_layers)
+    s = obj.student_forward(b, False, layers=obj.s_layers)
     assert s.states[0].attn_mask is not None and not s.states[0].attn_mask[:, 24:, :24].any()
     out.loss.backward()
 

@@ -279,8 +279,8 @@ def test_a_job_that_loses_its_lease_stops_writing_at_once(demo_shards, tmp_path,
     run = tmp_path / "run"
     real = trainer.train_step
 
-    def train_step(engines, task, batches, accum, timed, key=(0, 0, 0)):
-        out = real(engines, task, batches, accum, timed, key)
+    def train_step(engines, objective, batches, accum, timed, key=(0, 0, 0)):
+        out = real(engines, objective, batches, accum, timed, key)
         if key[2] == 2:
             _foreign_lease(run, "node7", 4321, 0)
             log = run / "logs" / "rank000.log"
@@ -310,24 +310,24 @@ def test_a_steps_random_draws_depend_only_on_its_key():
     from dide_scale.models.fusion import FusionEncoder
     from dide_scale.models.images import images_from_pixels
     from dide_scale.models.student import DualEncoder, TowerShape
+    from dide_scale.objective import DistillObjective
     from dide_scale.rng import step_rng, step_seed
-    from dide_scale.task import DistillTask
     shape = TowerShape(width=16, depth=2, heads=2, patch_size=8, image_size=[16, 16], max_text_len=8, vocab_size=50,
                        drop_path=0.3)
     torch.manual_seed(0)
     b = {"images": images_from_pixels(torch.rand(6, 3, 16, 16), 8), "input_ids": torch.randint(5, 50, (6, 8)),
          "attention_mask": torch.ones(6, 8, dtype=torch.long)}
     for model in (DualEncoder(shape, "itm", 2), FusionEncoder(shape, "itm", 2)):
-        task = DistillTask(model, None, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=0, ground_truth=1.0), "itm")
-        task.train()
+        obj = DistillObjective(model, None, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=0, ground_truth=1.0), "itm")
+        obj.train()
         losses = []
         for noise in (0, 5, 1000):
             torch.rand(noise)  # the global RNG somewhere else
             before = torch.get_rng_state()
             with step_rng(step_seed(7, 1, 42, 0), torch.device("cpu")) as gen:
-                losses.append(task.training_forward(b, generator=gen).loss.item())
+                losses.append(obj.training_forward(b, generator=gen).loss.item())
             assert torch.equal(torch.get_rng_state(), before)
         assert losses[0] == losses[1] == losses[2]
         with step_rng(step_seed(7, 1, 43, 0), torch.device("cpu")) as gen:
-            assert task.training_forward(b, generator=gen).loss.item() != losses[0]  # another step draws anew
+            assert obj.training_forward(b, generator=gen).loss.item() != losses[0]  # another step draws anew
     assert len({step_seed(0, r, s, m) for r in range(4) for s in range(50) for m in range(3)}) == 600

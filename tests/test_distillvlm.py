@@ -20,7 +20,7 @@ from dide_scale.models.fusion import FusionEncoder
 from dide_scale.models.images import images_from_pixels
 from dide_scale.models.saved import load_pretrained, save_pretrained
 from dide_scale.models.student import TowerShape
-from dide_scale.task import DistillTask
+from dide_scale.objective import DistillObjective
 from dide_scale.train import REQUEUE_EXIT_CODE, StopSignal
 
 TEACHER = TowerShape(width=32, depth=4, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128)
@@ -185,10 +185,10 @@ def test_a_teacher_with_another_position_table_takes_the_students_grid():
     teacher = FusionEncoder(TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[48, 48],
                                        max_text_len=16, vocab_size=128), "vqa", 16).eval()
     student = FusionEncoder(STUDENT, "vqa", 16)
-    task = DistillTask(student, teacher, LossConfig(attn_t2i=1.0, attn_i2t=1.0, soft_label=1.0), "vqa")
-    out = task.training_forward(batch())
+    obj = DistillObjective(student, teacher, LossConfig(attn_t2i=1.0, attn_i2t=1.0, soft_label=1.0), "vqa")
+    out = obj.training_forward(batch())
     assert all(torch.isfinite(v) for v in out.parts.values())
-    t = task.teacher_forward(batch(), None, capture=True)
+    t = obj.teacher_forward(batch(), None, capture=True)
     assert t.qk[0].k_image.shape[2] == 1 + 16
     load_config("debug", ["teacher.path=/x", "loss.soft_label=1.0",
                           "teacher.arch={width: 32, depth: 2, heads: 2, patch_size: 8, image_size: [48, 48]}"])
@@ -209,9 +209,10 @@ def test_teacher_with_larger_patches_sees_the_same_regions_resampled(tmp_path):
     def spy(module, args):
         seen["patch"], seen["n"] = args[0].patch_size, args[0].patches.shape[1]
     teacher.register_forward_pre_hook(spy)
-    task = DistillTask(student, teacher, LossConfig(attn_mse=1.0, token_nce=1.0, attn_t2i=1.0, soft_label=1.0), "vqa")
-    assert task.teacher_patch == 16
-    out = task.training_forward(batch())
+    obj = DistillObjective(student, teacher, LossConfig(attn_mse=1.0, token_nce=1.0, attn_t2i=1.0, soft_label=1.0),
+                           "vqa")
+    assert obj.teacher_patch == 16
+    out = obj.training_forward(batch())
     assert seen == {"patch": 16, "n": 16}
     assert all(torch.isfinite(v) for v in out.parts.values())
     out.loss.backward()
@@ -235,17 +236,17 @@ def queue_after_steps(args: dict) -> dict:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     student, teacher = _pair_models()
-    task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=0, token_nce=1.0,
+    obj = DistillObjective(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=0, token_nce=1.0,
                                                     nce_queue_size=args["size"]), "vqa")
-    task.train()
+    obj.train()
     nce = []
     for step in range(3):
         full = batch(n=4, seed=step)
         per = 4 // world
         local = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}  # Images slice like tensors
-        out = task.training_forward(local)
+        out = obj.training_forward(local)
         nce.append(out.parts["token_nce"].detach().item())
-    st = task.queue.state_dict()
+    st = obj.queue.state_dict()
     if world > 1:
         dist.destroy_process_group()
     return {"buf": st["buf"].tolist(), "ptr": st["ptr"], "filled": st["filled"], "nce": nce}

@@ -36,7 +36,7 @@ def _half(batch, i):
 def _one_step(cfg, halves, accum):
     from dide_scale import engine
     from dide_scale.build import build_student, build_teacher
-    from dide_scale.task import DistillTask
+    from dide_scale.objective import DistillObjective
     from dide_scale.trainer import train_step
     torch.manual_seed(0)
     student, teacher = build_student(cfg), build_teacher(cfg)
@@ -45,9 +45,9 @@ def _one_step(cfg, halves, accum):
                                    student, teacher)
     t_mod = getattr(engines.teacher, "module", engines.teacher)
     fraction = engine.local_param_fraction(t_mod)
-    task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task)
-    task.train()
-    res = train_step(engines, task, iter(halves), accum, timed=False)
+    obj = DistillObjective(engines.student, engines.teacher, cfg.loss, cfg.train.task)
+    obj.train()
+    res = train_step(engines, obj, iter(halves), accum, timed=False)
     loss, parts = res.loss, res.parts
     teacher_after = engine.full_state_dict(t_mod)
     unchanged = all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)

@@ -18,25 +18,25 @@ def metrics(run):
 
 def poison_steps(monkeypatch, steps: set[int]) -> None:
     """Make the loss of optimizer steps ``steps`` (1-based) NaN, through the real backward and
-    optimizer: the trainer's step function is wrapped so that, on those steps, the task's
+    optimizer: the trainer's step function is wrapped so that, on those steps, the objective's
     forward returns its loss times NaN."""
     from dide_scale import trainer
     real = trainer.train_step
 
-    def train_step(engines, task, batches, accum, timed, key=(0, 0, 0)):
+    def train_step(engines, objective, batches, accum, timed, key=(0, 0, 0)):
         if key[2] + 1 not in steps:
-            return real(engines, task, batches, accum, timed, key)
-        forward = task.training_forward
+            return real(engines, objective, batches, accum, timed, key)
+        forward = objective.training_forward
 
         def nan_forward(*args, **kwargs):
             out = forward(*args, **kwargs)
             out.loss = out.loss * float("nan")
             return out
-        task.training_forward = nan_forward
+        objective.training_forward = nan_forward
         try:
-            return real(engines, task, batches, accum, timed, key)
+            return real(engines, objective, batches, accum, timed, key)
         finally:
-            del task.training_forward  # the class's method again
+            del objective.training_forward  # the class's method again
     monkeypatch.setattr(trainer, "train_step", train_step)
 
 

@@ -284,20 +284,20 @@ def test_small_fusion_student_distils_from_vilt_at_its_own_patch_size(vqa_dir):
     from dide_scale.config import LossConfig
     from dide_scale.models.fusion import FusionEncoder
     from dide_scale.models.student import TowerShape
-    from dide_scale.task import DistillTask
+    from dide_scale.objective import DistillObjective
     teacher = HFViltTeacher.from_pretrained(vqa_dir, "vqa")
     torch.manual_seed(0)
     student = FusionEncoder(TowerShape(width=16, depth=1, heads=2, patch_size=8, image_size=[32, 32], max_text_len=12,
                                        vocab_size=100), "vqa", 5)
     student.add_distill_projections(1, teacher.width)
-    task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0, attn_mse=1.0,
+    obj = DistillObjective(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0, attn_mse=1.0,
                                                     token_nce=1.0, nce_queue_size=32), "vqa")
-    task.train()
-    assert task.teacher_patch == 16 and task.t_layers == (1,) and task.s_layers == (0,)
+    obj.train()
+    assert obj.teacher_patch == 16 and obj.t_layers == (1,) and obj.s_layers == (0,)
     images, ids, mask = inputs(32, 32, patch=8)
     b = {"images": images, "input_ids": ids, "attention_mask": mask, "labels": torch.rand(B, 5)}
     for _ in range(2):  # the second step has negatives in the queue
-        out = task.training_forward(b)
+        out = obj.training_forward(b)
     assert all(torch.isfinite(v) for v in out.parts.values()) and out.parts["token_nce"] > 0
     out.loss.backward()
     assert student.distill_proj[0].weight.grad.abs().sum() > 0

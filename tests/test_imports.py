@@ -16,7 +16,7 @@ LAYERS = [
     ("base", ["fsutil", "rng", "console", "distributed", "lease", "rundir", "config", "configdoc"]),
     ("models", ["models"]),
     ("data", ["data", "labels"]),
-    ("training parts", ["losses", "negatives", "task", "build", "engine", "checkpoint", "metrics", "export"]),
+    ("training parts", ["losses", "negatives", "objective", "build", "engine", "checkpoint", "metrics", "export"]),
     ("evaluation", ["inference", "retrieval", "captions", "evaluate"]),
     ("loop", ["trainer"]),
     ("commands", ["train", "finetune", "demo", "data.cli", "launch", "bench"]),

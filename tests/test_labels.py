@@ -97,6 +97,23 @@ def test_too_small_an_overlap_is_refused_before_starting(demo_shards, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_vqa_without_answers_is_refused_unless_the_demo_tokenizer_is_used(demo_shards, tmp_path, capsys):
+    """The demo's 16 answers are the default only beside the demo's own tokenizer: a run with
+    any other tokenizer and no data.answer_vocab is refused before anything starts."""
+    from dide_scale.data.demo import write_vocab
+    vocab = write_vocab(tmp_path / "vocab")
+    tok = tmp_path / "tok"  # a real word-piece tokenizer directory, not builtin:demo
+    transformers.BertTokenizerFast(vocab_file=str(vocab / "vocab.txt")).save_pretrained(tok)
+    argv = ["--config", "debug", *tiny_overrides(demo_shards, tmp_path / "run", **{"data.tokenizer": str(tok)})]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.answer_vocab" in err and "builtin:demo" in err, err
+    assert not (tmp_path / "run").exists()
+    argv = ["--config", "debug", *tiny_overrides(demo_shards, tmp_path / "run", **{
+        "data.tokenizer": str(tok), "data.answer_vocab": str(vocab / "answers.json"), "train.max_steps": 1})]
+    assert main(argv) == 0
+
+
 def test_classification_labels_are_reordered_or_refused_by_name():
     m = match_labels(["entailment", "neutral", "contradiction"], ["Contradiction", "Entailment", "Neutral"],
                      "snli_ve")

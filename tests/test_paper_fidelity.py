@@ -136,18 +136,18 @@ def test_itm_soft_labels_from_a_ranking_teacher_are_per_anchor_distributions():
 def test_distill_task_picks_the_itm_form_of_its_teacher():
     from dide_scale.models.fusion import FusionEncoder
     from dide_scale.models.student import TowerShape
-    from dide_scale.task import DistillTask
+    from dide_scale.objective import DistillObjective
     shape = TowerShape(width=16, depth=1, heads=2, patch_size=8, image_size=[16, 16], max_text_len=8, vocab_size=50)
     torch.manual_seed(0)
     student, teacher = FusionEncoder(shape, "itm", 2), FusionEncoder(shape, "itm", 2).eval()
-    task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0), "itm")
-    assert task.itm_form == "pair"
+    obj = DistillObjective(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0), "itm")
+    assert obj.itm_form == "pair"
     s, t = torch.randn(6, 2), torch.randn(6, 2)
-    torch.testing.assert_close(task.soft_label_loss(s, t), losses.soft_label_kl(s, t))
+    torch.testing.assert_close(obj.soft_label_loss(s, t), losses.soft_label_kl(s, t))
     teacher = FusionEncoder(shape, "itm", 1).eval()  # a retrieval checkpoint's one ranking score
-    task = DistillTask(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0), "itm")
-    assert task.itm_form == "rank"
-    torch.testing.assert_close(task.soft_label_loss(s, t[:, :1]), losses.itm_listwise_kl(s, t[:, :1]))
+    obj = DistillObjective(student, teacher, LossConfig(attn_t2i=0, attn_i2t=0, soft_label=1.0), "itm")
+    assert obj.itm_form == "rank"
+    torch.testing.assert_close(obj.soft_label_loss(s, t[:, :1]), losses.itm_listwise_kl(s, t[:, :1]))
 
 
 def test_image_tower_checkpointing_is_non_reentrant_and_exact():

@@ -63,7 +63,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(demo_shards, teacher_dir, t
     from dide_scale import distributed, engine
     from dide_scale.build import build_teacher
     from dide_scale.data.pipeline import build_loader
-    from dide_scale.task import DistillTask
+    from dide_scale.objective import DistillObjective
     from dide_scale.trainer import train_step
     cfg = load_config("debug", tiny_overrides(demo_shards, tmp_path, **{
         "teacher.path": str(teacher_dir), "loss.attn_t2i": 1.0, "loss.attn_i2t": 1.0, "loss.soft_label": 1.0}))
@@ -73,12 +73,12 @@ def test_teacher_is_frozen_and_outside_the_optimizer(demo_shards, teacher_dir, t
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     s_before = {k: v.clone() for k, v in student.state_dict().items()}
     engines = engine.build_engines(cfg, engine.build_ds_config(cfg, 1), student, teacher)
-    task = DistillTask(engines.student, engines.teacher, cfg.loss, "vqa")
-    task.train()
+    obj = DistillObjective(engines.student, engines.teacher, cfg.loss, "vqa")
+    obj.train()
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     batches = iter(build_loader(cfg))
     for _ in range(2):
-        loss = train_step(engines, task, batches, cfg.grad_accum_steps(1), timed=False).loss
+        loss = train_step(engines, obj, batches, cfg.grad_accum_steps(1), timed=False).loss
         assert torch.isfinite(loss)
     opt_ids = {id(p) for g in engines.student.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in opt_ids for p in teacher.parameters())

@@ -23,7 +23,7 @@ from dide_scale.config import load_config  # noqa: E402
 from dide_scale.data.pipeline import build_loader  # noqa: E402
 from dide_scale.data.shards import ShardWriter  # noqa: E402
 from dide_scale.models.hf_vilt import HFViltTeacher  # noqa: E402
-from dide_scale.task import batch_to_device  # noqa: E402
+from dide_scale.objective import batch_to_device  # noqa: E402
 
 SHORTER, PATCH = 64, 16
 LONGER = int(1333 / 800 * SHORTER)  # the processor's own cap: 106

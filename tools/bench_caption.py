@@ -119,7 +119,7 @@ def measure(teacher: Path, student: Path, args, n: int = 256) -> dict:
     from dide_scale.inference import throughput
     from dide_scale.models.caption import SpecialTokens, generate
     from dide_scale.models.saved import load_pretrained
-    from dide_scale.task import batch_to_device
+    from dide_scale.objective import batch_to_device
     cfg = load_config("caption_demo", [f"data.val_shards={shards(args.data / 'val')}", "data.num_workers=0"])
     b = batch_to_device(next(iter(build_loader(cfg, "val", batch_size=n))), torch.device("cpu"), torch.float32)
     tokens, s = SpecialTokens.of(load_tokenizer(cfg.data.tokenizer)), settings(args)

@@ -48,7 +48,7 @@ def measure(teacher_path: Path, student_path: Path, data: Path, n: int = 256) ->
     from dide_scale.config import load_config
     from dide_scale.data.pipeline import build_loader
     from dide_scale.models.saved import load_pretrained
-    from dide_scale.task import batch_to_device
+    from dide_scale.objective import batch_to_device
     cfg = load_config("demo", [f"data.val_shards={data}/vqa/val/00000.tar", "data.num_workers=0"])
     b = batch_to_device(next(iter(build_loader(cfg, "val", batch_size=n))), torch.device("cpu"), torch.float32)
     pix = b["images"]

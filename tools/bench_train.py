@@ -56,14 +56,14 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     from dide_scale import engine
     from dide_scale.build import build_student, build_teacher
     from dide_scale.metrics import model_flops_per_sample, peak_flops
-    from dide_scale.task import DistillTask
+    from dide_scale.objective import DistillObjective
     from dide_scale.trainer import train_step
     torch.manual_seed(0)
     student = build_student(cfg)
     teacher = build_teacher(cfg) if teacher_dir else None
     engines = engine.build_engines(cfg, engine.build_ds_config(cfg, 1), student, teacher)
-    task = DistillTask(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=engine.synchronize)
-    task.train()
+    obj = DistillObjective(engines.student, engines.teacher, cfg.loss, cfg.train.task, sync=engine.synchronize)
+    obj.train()
     data = synthetic_batch(PRESET_USED[0], batch, cfg.train.task, cfg.num_classes())
 
     def batches():
@@ -75,7 +75,7 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     per_step = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        times = train_step(engines, task, it, 1, timed=True).times
+        times = train_step(engines, obj, it, 1, timed=True).times
         engine.synchronize()
         times["total"] = time.perf_counter() - t0
         if i >= warmup:
@@ -90,7 +90,7 @@ def measure(cfg, teacher_dir: str | None, batch: int, steps: int, warmup: int) -
     out["peak_host_rss_gb"] = psutil.Process().memory_info().rss / 2 ** 30
     if torch.cuda.is_available():
         out["peak_device_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    del engines, task, student, teacher
+    del engines, obj, student, teacher
     return out
 
 

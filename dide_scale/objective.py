@@ -1,4 +1,4 @@
-"""DistillTask: the student, the frozen teacher and the losses in one place.
+"""DistillObjective: the student, the frozen teacher and the losses in one place.
 
 ``training_forward(batch)`` returns the loss and its named parts.  The teacher is held
 outside the student's module tree, so it never reaches the optimizer or a student
@@ -64,7 +64,7 @@ def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> di
     return out
 
 
-class DistillTask:
+class DistillObjective:
     """Student (a callable: the DeepSpeed engine or the bare module) + teacher + losses."""
 
     def __init__(self, student: Callable, teacher: Callable | None, loss_cfg: LossConfig, task: str,
@@ -95,7 +95,7 @@ class DistillTask:
             if loss_cfg.token_nce > 0:
                 self.queue = losses.TokenQueue(len(t), loss_cfg.nce_queue_size)
 
-    def train(self, mode: bool = True) -> "DistillTask":
+    def train(self, mode: bool = True) -> "DistillObjective":
         getattr(self.student, "module", self.student).train(mode)
         if self.teacher_module is not None:
             self.teacher_module.eval()  # never dropout / drop-path in the teacher
