@@ -49,11 +49,21 @@ def test_rendezvous_ports_stay_below_the_ephemeral_range():
     assert env.master_port == 14242
 
 
-def test_dide_submit_kills_the_step_on_a_bad_exit_and_runs_one_thread_per_rank(tmp_path):
+def test_dide_submit_kills_the_step_on_a_bad_exit_and_runs_one_thread_per_rank(tmp_path, monkeypatch):
     """The sbatch script submitit writes for dide-submit: srun --kill-on-bad-exit=1 (one crashed
     rank ends the step instead of leaving the other GPUs in a collective until its timeout)
-    unless --srun-args says otherwise, and OMP_NUM_THREADS=1 unless the environment sets it."""
+    unless --srun-args says otherwise, and OMP_NUM_THREADS=1 unless the environment sets it.
+    Only the script's text is read: submitit's Slurm executor wants an ``srun`` on PATH, which a
+    machine without SLURM gets as a stand-in that is never run."""
+    import shutil
+
     from dide_scale.launch import submit
+    if shutil.which("srun") is None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / "srun").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     args = submit.build_parser().parse_args(["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8",
                                              "--srun-args=--cpu-bind=none"])
     text = submit.make_executor(args, str(tmp_path))._executor._make_submission_file_text("true", "x")
