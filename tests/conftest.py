@@ -101,3 +101,15 @@ def itm_teacher(tmp_path_factory):
     shape = TowerShape(width=32, depth=2, heads=2, patch_size=8, image_size=[32, 32], max_text_len=16, vocab_size=128)
     save_pretrained(FusionEncoder(shape, "itm", 2), d)
     return d
+
+
+# The longest files first (a file stays on one xdist worker: ``--dist loadfile`` in setup.cfg),
+# so that neither worker ends the run alone with a long file (the order: the files' total
+# durations in one serial run, `pytest --durations=0`, longest first).
+LONGEST_FIRST = ["test_slurm.py", "test_resume.py", "test_caption.py", "test_engine.py", "test_reproduce.py",
+                 "test_checkpoint.py", "test_demo_teachers.py", "test_cluster.py", "test_first_hour.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order kept within
