@@ -151,9 +151,6 @@ def preflight(cfg: RunConfig, world_size: int = 1, start_over: bool = False) -> 
             from .models.hf_vilt import preprocessing_differences
             for problem in preprocessing_differences(resolve_source(cfg.teacher.path, "teacher.path"), cfg.data):
                 log.warning("the teacher's own preprocessing differs from the data path: %s", problem)
-    if cfg.train.task == "vqa":
-        from .labels import answer_list
-        answer_list(cfg)  # the answers exist (data.answer_vocab) and number data.num_answers
     if cfg.train.task == "caption" and cfg.data.val_shards:
         check_java()
     check_init_files(cfg.student.init)
@@ -161,6 +158,9 @@ def preflight(cfg: RunConfig, world_size: int = 1, start_over: bool = False) -> 
     problem = None if start_over else reuse_problem(cfg)
     if problem:
         raise RunDirMismatch(problem)
+    if cfg.train.task == "vqa":
+        from .labels import answer_list
+        answer_list(cfg)  # the answers exist (data.answer_vocab) and number data.num_answers
 
 
 def check_java() -> None:

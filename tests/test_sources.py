@@ -48,7 +48,8 @@ def test_hub_ids_resolve_to_the_cached_snapshot_for_every_key(hub, tmp_path):
             "loss.soft_label=0"]
     teacher = build_teacher(load_config(None, [*base, "teacher.kind=hf_vilt", "teacher.path=lab/tiny-vilt"]))
     assert teacher.task == "vqa" and teacher.width == 32
-    alone = ["train.task=vqa", "data.num_answers=16", f"student.arch={ARCH}", "loss.attn_t2i=0", "loss.attn_i2t=0",
+    alone = ["train.task=vqa", "data.num_answers=16", "data.tokenizer=builtin:demo", f"student.arch={ARCH}",
+             "loss.attn_t2i=0", "loss.attn_i2t=0",
              "loss.soft_label=0", "loss.ground_truth=1"]
     by_id = build_student(load_config(None, [*alone, "student.init=vilt:lab/tiny-vilt"]))
     by_dir = build_student(load_config(None, [*alone, f"student.init=vilt:{hub['src']}"]))
