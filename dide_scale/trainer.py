@@ -221,10 +221,17 @@ class BackgroundExport:
     large sharded checkpoint takes minutes, which the other ranks would spend in the next
     step's collectives (timing out after train.collective_timeout_s).  One runs at a time
     (they write the same folder); a newer best waits for it, replacing an older one that
-    waited.  A checkpoint to be exported is pinned against purging until its export ends."""
+    waited.  A checkpoint to be exported is pinned against purging until its export ends.
 
-    def __init__(self, run_dir: Path, checkpointer):
-        self.run_dir, self.checkpointer = run_dir, checkpointer
+    ``inline``: a run of one process exports a checkpoint under ``INLINE_MAX_BYTES`` itself,
+    at once: no other rank waits, the export takes a fraction of a second, and a new
+    interpreter (torch, DeepSpeed) would cost several seconds of CPU per new best.  The
+    global RNG is left as it was, so a run's steps do not depend on how it exported."""
+
+    INLINE_MAX_BYTES = 64 << 20
+
+    def __init__(self, run_dir: Path, checkpointer, inline: bool = False):
+        self.run_dir, self.checkpointer, self.inline = run_dir, checkpointer, inline
         self.proc = None
         self.running: tuple[Path, str] | None = None
         self.pending: tuple[Path, str, dict] | None = None
@@ -236,7 +243,25 @@ class BackgroundExport:
         self.checkpointer.pinned.add(tag)
         self.poll()
 
+    def _small(self, tag: str) -> bool:
+        files = (self.checkpointer.dir / tag).rglob("*")
+        return sum(f.stat().st_size for f in files if f.is_file()) <= self.INLINE_MAX_BYTES
+
+    def _export_here(self, out: Path, tag: str, best: dict) -> None:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                export_from_checkpoint(self.run_dir, out, tag=tag, best=best)
+        except Exception as e:  # the run goes on: a failed export of a best model is reported, as below
+            log.error("the export of %s to %s failed: %s", tag, out, e)
+        else:
+            log.info("exported %s -> %s", tag, out)
+        finally:
+            self.checkpointer.pinned.discard(tag)
+
     def _launch(self, out: Path, tag: str, best: dict) -> None:
+        if self.inline and self._small(tag):
+            self._export_here(out, tag, best)
+            return
         import os
         import subprocess
         import sys
@@ -264,9 +289,9 @@ class BackgroundExport:
                 log.info("exported %s -> %s", tag, out)
             self.proc = self.running = None
         if self.pending is not None:
-            self._launch(*self.pending)
-            self.pending = None
-            return False
+            pending, self.pending = self.pending, None
+            self._launch(*pending)
+            return self.proc is None
         return True
 
     def wait(self) -> None:
@@ -384,7 +409,8 @@ class Trainer:
             parts["token_queue"] = self.objective.queue
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.engines.student, parts,
                                          cfg.to_dict(), control, lost=lambda: lease.lost if lease else None)
-        self.best.exports = self.exports = BackgroundExport(self.run_dir, self.checkpointer)
+        self.best.exports = self.exports = BackgroundExport(self.run_dir, self.checkpointer,
+                                                            inline=env.world_size == 1)
         self.skipped_before = 0
 
     # -- the loop -------------------------------------------------------------------------
