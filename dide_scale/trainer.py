@@ -262,6 +262,7 @@ class BackgroundExport:
         if self.inline and self._small(tag):
             self._export_here(out, tag, best)
             return
+        log.info("%s -> %s: exporting in the background (%s)", tag, out, self.run_dir / "logs" / "export.log")
         import os
         import subprocess
         import sys
@@ -334,9 +335,8 @@ class BestSelector:
         if not self.is_main:
             return
         out = self.run_dir / "best"
+        log.info("new best on the dev split: %.4f at step %d -> %s", self.best["accuracy"], step, out)
         self.exports.start(out, tag_for(step), self.best)
-        log.info("new best on the dev split: %.4f at step %d -> %s (exporting in the background)",
-                 self.best["accuracy"], step, out)
 
     def reconcile(self, checkpoints: Path) -> None:
         """After a resume (rank 0): a best whose export was cut short (the job was stopped or
