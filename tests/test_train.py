@@ -182,3 +182,24 @@ def test_only_rank0_of_an_srun_step_reports_the_requeue(monkeypatch):
     for sig in (term, usr1):
         os.kill(os.getpid(), sig)
     assert stop.received == usr1 and stop.terminated
+
+
+def test_a_one_process_cpu_run_leaves_the_loader_workers_their_cores(monkeypatch):
+    """Without OMP_NUM_THREADS, torch's threads are the cores less the data-loader workers
+    (they competed for the same cores); with it set, or several ranks, nothing changes."""
+    from dide_scale.distributed import DistEnv
+    from dide_scale.train import cpu_threads
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    one = DistEnv(0, 0, 1, "127.0.0.1", 29500, "none")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cfg = load_config("debug", ["data.num_workers=1"])
+        assert cpu_threads(cfg, one) == max(1, cores - 1) == torch.get_num_threads()
+        cfg = load_config("debug", [f"data.num_workers={cores + 3}"])
+        assert cpu_threads(cfg, one) == 1 == torch.get_num_threads()
+        assert cpu_threads(cfg, DistEnv(0, 0, 2, "127.0.0.1", 29500, "torchrun")) is None
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert cpu_threads(cfg, one) is None
+    finally:
+        torch.set_num_threads(before)
