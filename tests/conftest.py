@@ -103,7 +103,8 @@ def itm_teacher(tmp_path_factory):
     return d
 
 
-# The longest files first (a file stays on one xdist worker: ``--dist loadfile`` in setup.cfg),
+# The longest files first (a file stays on one xdist worker: ``--dist loadfile`` in setup.cfg, and
+# ``--no-loadscope-reorder`` keeps this order instead of xdist's most-tests-first),
 # so that neither worker ends the run alone with a long file (the order: the files' total
 # durations in one serial run, `pytest --durations=0`, longest first).
 LONGEST_FIRST = ["test_slurm.py", "test_resume.py", "test_caption.py", "test_engine.py", "test_reproduce.py",
