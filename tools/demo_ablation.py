@@ -8,8 +8,8 @@ webdataset reader) with the demo config, the shipped VQA teacher and the student
 ``dide-demo`` (same shapes, batch, learning rate, steps); only the named overrides differ.
 Runs whose export exists are reused, so the command resumes and can be split over
 processes (``--variants``).  Prints the held-out accuracy per question type, the share of
-the teacher's lead over the no-distillation student that each run closes, and the counting
-accuracy at every evaluation.
+the teacher's lead over the no-distillation student of the same length that each run
+closes, and the counting accuracy at every evaluation.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ VARIANTS = {  # name -> (what changes, overrides after the student's data, steps
     "block1": ("preset, attention of the first block", [*PAPER_FINETUNE, "loss.teacher_layer=0",
                                                         "loss.student_layer=0"], 1),
     "steps2x": ("preset, twice the steps", PAPER_FINETUNE, 2),
+    "no_distill_2x": ("no distillation, twice the steps", [*NO_DISTIL, "loss.ground_truth=1.0"], 2),
 }
 TYPES = ("color", "count", "exist", "shape")
 
@@ -72,13 +73,16 @@ def main(argv=None) -> int:
                             [*shard_overrides(data, "vqa"), *overrides, "student.init=random", f"teacher.path={t_vqa}"],
                             args.steps * mult, args.seed)
         res[name] = {"eval": json.loads((run_dir / "summary.json").read_text())["eval"], "curve": curve(run_dir)}
-    base = res.get("no_distill", {}).get("eval", {}).get("accuracy")
+    def baseline(mult: int) -> float | None:  # the no-distillation run of the same length
+        key = "no_distill" if mult == 1 else "no_distill_2x"
+        return res.get(key, {}).get("eval", {}).get("accuracy")
     rows = [["fusion teacher (shipped)", "-", f"{100 * teacher['accuracy']:.1f}",
              *(f"{100 * teacher['per_type'][t]:.1f}" for t in TYPES), "-", "-"]]
     for name in names:
         ev, cv = res[name]["eval"], res[name]["curve"]
+        base = baseline(VARIANTS[name][2])
         gap = (f"{100 * (ev['accuracy'] - base) / (teacher['accuracy'] - base):.0f}%"
-               if base is not None and name != "no_distill" else "-")
+               if base is not None and not name.startswith("no_distill") else "-")
         count_curve = " ".join(f"{100 * v:.0f}" for _, v in cv.get("acc_count", []))
         rows.append([VARIANTS[name][0], str(args.steps * VARIANTS[name][2]), f"{100 * ev['accuracy']:.1f}",
                      *(f"{100 * ev['per_type'][t]:.1f}" for t in TYPES), gap, count_curve])
