@@ -61,7 +61,7 @@ def test_batch_arithmetic_checked_against_world_size():
     assert load_config("debug", [], world_size=2).grad_accum_steps(2) == 1
     # the shipped presets beyond the world sizes they were written for: the error says what to set,
     # and what it says fits
-    for name, world in (("finetune_vqa", 16), ("finetune_nlvr2", 32), ("pretrain_b32", 64), ("finetune_vqa", 12)):
+    for name, world in (("finetune_vqa", 16), ("finetune_nlvr2", 32), ("pretrain_b32", 128), ("finetune_vqa", 12)):
         with pytest.raises(ConfigError, match=r"is not a multiple of .* set train\.") as e:
             load_config(name, world_size=world)
         fix = str(e.value).split(": set ")[1].split(" (")[0].split()
@@ -102,3 +102,20 @@ def test_choice_fields_name_their_choices(override, choices):
     with pytest.raises(ConfigError) as e:
         load_config("debug", [override])
     assert str(e.value).startswith(f"{key}=") and choices in str(e.value)
+
+
+def test_each_job_of_the_reproduce_recipe_fits_the_ranks_it_asks_for():
+    """docs/REPRODUCE.md's sbatch lines as a user submits them: the preset's batch must divide
+    over --nodes x the GPUs per node the document assumes (the rehearsal shrinks the batch, so
+    only this catches a recipe that stops at its first line on the real cluster)."""
+    import re
+    import shlex
+
+    from test_reproduce import DOC, recipe
+    gpus = int(re.search(r"(\d+) GPUs\s+per node", DOC.read_text()).group(1))
+    jobs = [shlex.split(cmd) for lang, cmd in recipe() if lang == "bash" and cmd.startswith("sbatch")]
+    assert len(jobs) == 5
+    for argv in jobs:
+        nodes = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--nodes=")), 1)
+        script = next(i for i, a in enumerate(argv) if a.endswith(".sbatch"))
+        load_config(argv[script + 1], argv[script + 2:], world_size=nodes * gpus)
