@@ -43,8 +43,11 @@ VARIANTS = {
     "attn_mse_nce": ("small captioner, attention MSE + token NCE", ["loss.attn_mse=1.0", "loss.token_nce=1.0"]),
     "attn_mse_nce_soft": ("small captioner, attention MSE + token NCE + soft targets",
                           ["loss.attn_mse=1.0", "loss.token_nce=1.0", "loss.soft_label=1.0"]),
+    # the NCE term ends several times larger than the ground truth at weight 1: does it crowd it out?
+    "attn_mse_nce_light": ("small captioner, attention MSE + token NCE at weight 0.1",
+                           ["loss.attn_mse=1.0", "loss.token_nce=0.1"]),
 }
-DEFAULT_VARIANTS = ("no_distill", "attn_mse", "attn_mse_nce", "attn_mse_nce_soft")
+DEFAULT_VARIANTS = ("no_distill", "attn_mse", "attn_mse_nce", "attn_mse_nce_soft", "attn_mse_nce_light")
 METRICS = ("cider", "bleu4", "meteor", "rouge_l")
 
 
