@@ -116,6 +116,7 @@ def test_each_job_of_the_reproduce_recipe_fits_the_ranks_it_asks_for():
     jobs = [shlex.split(cmd) for lang, cmd in recipe() if lang == "bash" and cmd.startswith("sbatch")]
     assert len(jobs) == 5
     for argv in jobs:
-        nodes = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--nodes=")), 1)
         script = next(i for i, a in enumerate(argv) if a.endswith(".sbatch"))
+        m = re.search(r"(?:--nodes[= ]|-N ?)(\d+)", " ".join(argv[:script]))
+        nodes = int(m.group(1)) if m else 1  # the scripts' own #SBATCH --nodes=1
         load_config(argv[script + 1], argv[script + 2:], world_size=nodes * gpus)

@@ -12,6 +12,7 @@ caption plus four paraphrases as its references.  Per seed:
                        teacher block, under the seq2seq mask)
   attn_mse_nce         + token-wise NCE against a queue of teacher token states
   attn_mse_nce_soft    + soft targets: KL to the teacher's distribution on the masked tokens
+  attn_mse_nce_light   attn_mse_nce with the NCE term at weight 0.1 instead of 1
 
 every student for the same steps on the same data, ground truth weight 1 in every run.  Every
 run goes through ``dide_scale.train.run`` (DeepSpeed engine, webdataset reader).  Each final
