@@ -332,7 +332,8 @@ def main(argv=None) -> int:
                     help="chroma subsampling of the synthetic JPEGs (web photos: mostly 4:2:0)")
     ap.add_argument("--keep", default=None, help="write the synthetic shards here and keep them (reused if present)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--batch-size", type=int, default=32, help="images per batch (32, the figure of BENCHMARKS section 2)")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="images per batch (32, the figure of BENCHMARKS section 2)")
     ap.add_argument("--size", type=int, default=384, help="OpenCLIP's square output size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=1.2, help="seconds per run before the window")
